@@ -1,0 +1,62 @@
+"""MNASNet-B1 (Tan et al. 2019, no squeeze-excitation), as torchvision's ``mnasnet1_0``.
+
+Layer paths: ``input_q``, ``stem``, ``sep_dw``, ``sep_project``, ``block_0`` ..
+``block_15`` (``expand``, ``dw``, ``project``, ``add_q``), ``head``,
+``pool_q``, ``classifier``, ``logits_q``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fat.layers import ActQuant, QuantMode
+from fat.models.blocks import ConvBNAct, InvertedResidual, classifier_head
+
+# (expansion, kernel, channels, repeats, first stride)
+STAGES = ((3, 3, 24, 3, 2), (3, 5, 40, 3, 2), (6, 5, 80, 3, 2), (6, 3, 96, 2, 1),
+          (6, 5, 192, 4, 2), (6, 3, 320, 1, 1))
+WIDTHS = (0.5, 0.75, 1.0, 1.3)
+
+
+def round_to_multiple_of(v: float, divisor: int = 8, round_up_bias: float = 0.9) -> int:
+  """torchvision's MNASNet channel rounding."""
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  return new_v if new_v >= round_up_bias * v else new_v + divisor
+
+
+class MNASNet(nn.Module):
+  """MNASNet-B1 classifier. Attributes as ``MobileNetV2``; width in {0.5, 0.75, 1.0, 1.3}."""
+
+  num_classes: int = 1000
+  width: float = 1.0
+  small_input: bool = False
+  padding: str = "symmetric"
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.99
+  dw_impl: str = "auto"
+  mode: QuantMode = QuantMode()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.width not in WIDTHS:
+      raise ValueError(f"MNASNet width must be one of {WIDTHS}, got {self.width}.")
+    common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
+                  dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
+    ch = lambda c: round_to_multiple_of(c * self.width)
+    x = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+    x = ConvBNAct(ch(32), 3, 1 if self.small_input else 2, act="relu", name="stem",
+                  **common)(x, train)
+    x = ConvBNAct(ch(32), 3, 1, depthwise=True, act="relu", name="sep_dw", **common)(x, train)
+    x = ConvBNAct(ch(16), act=None, name="sep_project", **common)(x, train)
+    i = 0
+    for e, k, c, n, s in STAGES:
+      for r in range(n):
+        x = InvertedResidual(ch(c), e, k, s if r == 0 else 1, act="relu",
+                             name=f"block_{i}", **common)(x, train)
+        i += 1
+    x = ConvBNAct(1280, act="relu", name="head", **common)(x, train)
+    return classifier_head(x, self.num_classes, self.mode)

@@ -1,0 +1,75 @@
+"""MobileNet-v2 (Sandler et al. 2018), as in ``keras.applications.MobileNetV2``.
+
+Layer paths: ``input_q``, ``stem``, ``block_0`` .. ``block_16`` (each with
+``expand``, ``dw``, ``project`` and, on residual blocks, ``add_q``), ``head``,
+``pool_q``, ``classifier``, ``logits_q``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fat.layers import ActQuant, QuantMode
+from fat.models.blocks import ConvBNAct, InvertedResidual, classifier_head
+
+# (expansion t, channels c, repeats n, first stride s)
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+WIDTH_RANGE = (0.35, 1.4)
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+  """Rounds a channel count to a multiple of ``divisor``, never below 90% of ``v``."""
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:
+    new_v += divisor
+  return new_v
+
+
+class MobileNetV2(nn.Module):
+  """MobileNet-v2 classifier.
+
+  Attributes:
+    num_classes: classifier outputs.
+    width: the width multiplier, 0.35..1.4. The 1280 head is not shrunk below 1.0.
+    small_input: stem stride 1 instead of 2, keeping twice the resolution for
+      28-64 px inputs.
+    padding: "same" (TF/Keras) or "symmetric" (PyTorch/timm); see
+      ``fat.depthwise.conv_padding``.
+    bn_eps: BatchNorm epsilon (Keras 1e-3, PyTorch 1e-5).
+    dw_impl: depthwise implementation, "auto" picks by backend.
+    mode: pipeline stage and quantizer rules (``fat.layers.QuantMode``).
+  """
+
+  num_classes: int = 1000
+  width: float = 1.0
+  small_input: bool = False
+  padding: str = "same"
+  bn_eps: float = 1e-3
+  bn_momentum: float = 0.99
+  dw_impl: str = "auto"
+  mode: QuantMode = QuantMode()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if not WIDTH_RANGE[0] <= self.width <= WIDTH_RANGE[1]:
+      raise ValueError(f"MobileNetV2 width must be in {WIDTH_RANGE}, got {self.width}.")
+    common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
+                  dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
+    x = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+    x = ConvBNAct(make_divisible(32 * self.width), 3, 1 if self.small_input else 2,
+                  name="stem", **common)(x, train)
+    i = 0
+    for t, c, n, s in STAGES:
+      features = make_divisible(int(c * self.width))
+      for r in range(n):
+        x = InvertedResidual(features, t, 3, s if r == 0 else 1, act="relu6",
+                             name=f"block_{i}", **common)(x, train)
+        i += 1
+    head = make_divisible(1280 * self.width) if self.width > 1.0 else 1280
+    x = ConvBNAct(head, name="head", **common)(x, train)
+    return classifier_head(x, self.num_classes, self.mode)

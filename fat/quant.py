@@ -1,0 +1,256 @@
+"""Trainable-threshold fake quantization (FAT), pure JAX.
+
+The numerics of METHOD.md section 1, with no Flax inside:
+
+* ``QuantSpec``   -- frozen, keyword-only description of one quantizer.
+* ``QuantParams`` -- pytree of (t_min, t_max, alpha, beta).
+* ``init_params`` -- thresholds from a calibration tensor.
+* ``fake_quant``  -- the quantize-dequantize op, with a ``jax.custom_vjp`` whose
+  gradients equal the straight-through-estimator (STE) autodiff of the
+  forward formula: round has derivative 1, clip passes gradient only inside
+  its range. ``t_min`` and ``t_max`` are calibration constants and get zero
+  gradient.
+
+The grid is always computed in float32; the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("symmetric", "unsigned", "asymmetric")
+
+# Floor on the threshold / range so that an all-zero tensor gives zeros.
+_TINY = 1e-12
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """How one tensor is quantized.
+
+  Attributes:
+    bits: bit width n, 2..16.
+    kind: "symmetric" (signed, grid -(2^(n-1)-1)..2^(n-1)-1), "unsigned"
+      (grid 0..2^n-1, for ReLU outputs) or "asymmetric" (grid 0..2^n-1 with a
+      trainable zero point).
+    per_channel: one threshold per index of ``axis`` instead of one per tensor.
+    axis: the channel axis used when ``per_channel`` is set.
+    alpha_range: clip range of the threshold scale factor alpha.
+    beta_range: clip range of the asymmetric shift beta (ignored otherwise).
+  """
+
+  bits: int = 8
+  kind: str = "symmetric"
+  per_channel: bool = False
+  axis: int = -1
+  alpha_range: tuple[float, float] = (0.5, 1.0)
+  beta_range: tuple[float, float] = (-0.2, 0.4)
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+      raise ValueError(f"QuantSpec.bits must be an integer in 2..16, got {self.bits!r}.")
+    if not 2 <= self.bits <= 16:
+      raise ValueError(f"QuantSpec.bits must be in 2..16, got {self.bits}.")
+    if self.kind not in KINDS:
+      raise ValueError(f"QuantSpec.kind must be one of {KINDS}, got {self.kind!r}.")
+    for name in ("alpha_range", "beta_range"):
+      rng = getattr(self, name)
+      if len(tuple(rng)) != 2:
+        raise ValueError(f"QuantSpec.{name} must be a (low, high) pair, got {rng!r}.")
+      lo, hi = (float(v) for v in rng)
+      if not (np.isfinite(lo) and np.isfinite(hi)) or lo >= hi:
+        raise ValueError(
+            f"QuantSpec.{name} must satisfy low < high (finite), got {rng!r}; "
+            "use e.g. (0.5, 1.0) for alpha and (-0.2, 0.4) for beta.")
+      object.__setattr__(self, name, (lo, hi))
+    if self.alpha_range[0] <= 0:
+      raise ValueError(
+          f"QuantSpec.alpha_range must be positive, got {self.alpha_range!r}.")
+
+  @property
+  def qmin(self) -> int:
+    return -(2 ** (self.bits - 1) - 1) if self.kind == "symmetric" else 0
+
+  @property
+  def qmax(self) -> int:
+    return 2 ** (self.bits - 1) - 1 if self.kind == "symmetric" else 2 ** self.bits - 1
+
+
+class QuantParams(NamedTuple):
+  """Thresholds of one quantizer: calibration constants and trainable factors.
+
+  Per-tensor fields are scalars; per-channel fields have shape ``(C,)``.
+  """
+
+  t_min: jax.Array
+  t_max: jax.Array
+  alpha: jax.Array
+  beta: jax.Array
+
+
+def _reduce_axes(ndim: int, spec: QuantSpec) -> tuple[int, ...]:
+  if not spec.per_channel:
+    return tuple(range(ndim))
+  axis = spec.axis % ndim
+  return tuple(a for a in range(ndim) if a != axis)
+
+
+def _broadcast(p: jax.Array, ndim: int, spec: QuantSpec) -> jax.Array:
+  """Reshapes a per-channel parameter so that it broadcasts against x."""
+  p = jnp.asarray(p, jnp.float32)
+  if not spec.per_channel or ndim == 0:
+    return p
+  shape = [1] * ndim
+  shape[spec.axis % ndim] = -1
+  return p.reshape(shape)
+
+
+def params_from_range(x_min, x_max, spec: QuantSpec, alpha=None, beta=None) -> QuantParams:
+  """Thresholds from an observed range [x_min, x_max].
+
+  Symmetric: t_max = max(|x_min|, |x_max|), t_min = -t_max. Unsigned:
+  t_min = 0, t_max = max(x_max, 0). Asymmetric: t_min = x_min, t_max = x_max.
+  alpha defaults to 1 and beta to 0.
+  """
+  x_min = jnp.asarray(x_min, jnp.float32)
+  x_max = jnp.asarray(x_max, jnp.float32)
+  if spec.kind == "symmetric":
+    t_max = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
+    t_min = -t_max
+  elif spec.kind == "unsigned":
+    t_max = jnp.maximum(x_max, 0.0)
+    t_min = jnp.zeros_like(t_max)
+  else:
+    t_min, t_max = x_min, x_max
+  alpha = jnp.ones_like(t_max) if alpha is None else jnp.asarray(alpha, jnp.float32)
+  beta = jnp.zeros_like(t_max) if beta is None else jnp.asarray(beta, jnp.float32)
+  return QuantParams(t_min=t_min, t_max=t_max, alpha=alpha, beta=beta)
+
+
+def observed_range(x: jax.Array, spec: QuantSpec):
+  """(min, max) of ``x``, per channel of ``spec.axis`` if ``spec.per_channel``."""
+  x = jnp.asarray(x, jnp.float32)
+  if spec.per_channel and x.ndim == 0:
+    raise ValueError("per_channel quantization needs an input with a channel axis.")
+  axes = _reduce_axes(x.ndim, spec)
+  return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+
+def init_params(x: jax.Array, spec: QuantSpec) -> QuantParams:
+  """Thresholds from the range of ``x`` (alpha = 1, beta = 0).
+
+  Symmetric: t_max = max|x|, t_min = -t_max. Unsigned: t_min = 0,
+  t_max = max(x, 0). Asymmetric: t_min = min(x), t_max = max(x).
+  """
+  return params_from_range(*observed_range(x, spec), spec)
+
+
+def _grid(qp: QuantParams, ndim: int, spec: QuantSpec):
+  """Scale s, zero point z and the quantities their gradients need."""
+  lo, hi = spec.alpha_range
+  alpha = _broadcast(qp.alpha, ndim, spec)
+  alpha_c = jnp.clip(alpha, lo, hi)
+  alpha_live = (alpha >= lo) & (alpha <= hi)
+  t_max = _broadcast(qp.t_max, ndim, spec)
+  if spec.kind == "asymmetric":
+    t_min = _broadcast(qp.t_min, ndim, spec)
+    r = t_max - t_min
+    width = alpha_c * r
+    blo, bhi = spec.beta_range
+    beta = _broadcast(qp.beta, ndim, spec)
+    t_low = t_min + jnp.clip(beta, blo, bhi) * r
+    beta_live = (beta >= blo) & (beta <= bhi)
+  else:
+    r = t_max
+    width = alpha_c * t_max
+    t_low = jnp.zeros_like(width)
+    beta_live = jnp.zeros_like(width, bool)
+  # The floor keeps all-zero channels finite; a floored width has no gradient.
+  alpha_live = alpha_live & (width > _TINY)
+  width = jnp.maximum(width, _TINY)
+  s = spec.qmax / width
+  z = jnp.round(t_low * s) if spec.kind == "asymmetric" else jnp.zeros_like(s)
+  return s, z, alpha_c, alpha_live, r, t_low, beta_live
+
+
+def _forward(x, qp, spec):
+  xf = x.astype(jnp.float32)
+  s, z, alpha_c, alpha_live, r, t_low, beta_live = _grid(qp, xf.ndim, spec)
+  v = jnp.round(xf * s) - z
+  in_range = (v >= spec.qmin) & (v <= spec.qmax)
+  y = (jnp.clip(v, spec.qmin, spec.qmax) + z) / s
+  return y, (xf, y, s, in_range, alpha_c, alpha_live, r, t_low, beta_live)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fake_quant(x, qp, spec):
+  return _forward(x, qp, spec)[0].astype(x.dtype)
+
+
+def _fake_quant_fwd(x, qp, spec):
+  y, res = _forward(x, qp, spec)
+  return y.astype(x.dtype), (res, qp)
+
+
+def _fake_quant_bwd(spec, saved, g):
+  (xf, y, s, in_range, alpha_c, alpha_live, r, t_low, beta_live), qp = saved
+  dtype = g.dtype  # the output cotangent has the input's dtype
+  g = g.astype(jnp.float32)
+  grad_x = jnp.where(in_range, g, 0.0)
+  # d y / d s: (x - y)/s in range; (T_l - y)/s saturated (T_l = 0 unless asymmetric).
+  dy_ds = jnp.where(in_range, xf - y, t_low - y) / s
+  # d s / d alpha = -s / alpha_c while alpha is inside its clip range.
+  dy_dalpha = jnp.where(alpha_live, -dy_ds * s / alpha_c, 0.0)
+  axes = _reduce_axes(xf.ndim, spec)
+  grad_alpha = jnp.sum(g * dy_dalpha, axis=axes).reshape(jnp.shape(qp.alpha))
+  if spec.kind == "asymmetric":
+    # Saturated outputs move with T_l = t_min + beta*R; in-range ones do not.
+    dy_dbeta = jnp.where(in_range | ~beta_live, 0.0, r)
+    grad_beta = jnp.sum(g * dy_dbeta, axis=axes).reshape(jnp.shape(qp.beta))
+  else:
+    grad_beta = jnp.zeros_like(qp.beta)
+  grads = QuantParams(
+      t_min=jnp.zeros_like(qp.t_min),
+      t_max=jnp.zeros_like(qp.t_max),
+      alpha=grad_alpha.astype(jnp.result_type(qp.alpha)),
+      beta=grad_beta.astype(jnp.result_type(qp.beta)),
+  )
+  return grad_x.astype(dtype), grads
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: jax.Array, qp: QuantParams, spec: QuantSpec) -> jax.Array:
+  """Quantize-dequantize ``x`` on the grid given by ``qp`` and ``spec``."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  qp = QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp))
+  if spec.per_channel:
+    n = x.shape[spec.axis % x.ndim] if x.ndim else None
+    for name, p in zip(QuantParams._fields, qp):
+      if p.shape != (n,):
+        raise ValueError(
+            f"per-channel QuantParams.{name} has shape {p.shape}, expected ({n},) "
+            f"for input shape {x.shape} and axis {spec.axis}.")
+  return _fake_quant(x, qp, spec)
+
+
+def quantize_int(x: jax.Array, qp: QuantParams, spec: QuantSpec):
+  """Integer grid indices and the (scale, zero point) mapping them back.
+
+  ``fake_quant(x) == (q + z) / s`` with ``q`` returned here, so
+  ``x ≈ (q - zero_point) * step`` where ``step = 1/s`` and
+  ``zero_point = -z``. Used by export and the integer reference.
+  """
+  xf = jnp.asarray(x, jnp.float32)
+  s, z, *_ = _grid(QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp)), xf.ndim, spec)
+  q = jnp.clip(jnp.round(xf * s) - z, spec.qmin, spec.qmax)
+  return q, s, z
