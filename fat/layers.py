@@ -124,7 +124,10 @@ def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
   beta = module.variable(TRAINABLE_COLLECTION, "beta", jnp.zeros, shape, jnp.float32)
   w_min, w_max = quant.observed_range(jax.lax.stop_gradient(kernel), spec)
   qp = quant.params_from_range(w_min, w_max, spec, alpha.value, beta.value)
-  return quant.fake_quant(kernel, qp, spec)
+  kernel_q = quant.fake_quant(kernel, qp, spec)
+  # Recorded only when the caller makes "intermediates" mutable (tests, export).
+  module.sow("intermediates", "kernel_q", kernel_q)
+  return kernel_q
 
 
 class Conv(nn.Module):
