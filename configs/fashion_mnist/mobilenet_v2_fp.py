@@ -1,0 +1,37 @@
+"""Float MobileNet-v2 on Fashion-MNIST: the shipped checkpoint's recipe.
+
+Run:
+  python -m experiments.main --config=configs/fashion_mnist/mobilenet_v2_fp.py \
+      --workdir=runs/mobilenet_v2_fp
+It writes the checkpoint to ``config.output`` (checkpoints/fashion_mnist/mobilenet_v2).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "float"
+  c.model = "mobilenet_v2"
+  c.width = 1.0
+  c.small_input = False
+  c.num_classes = 10
+  c.dataset = "fashion_mnist"
+  c.data_dir = ""
+  c.seed = 0
+  c.batch_size = 128
+  c.epochs = 10
+  c.learning_rate = 2e-3
+  c.weight_decay = 1e-4
+  c.warmup_epochs = 0.5
+  c.label_smoothing = 0.0
+  c.augment = True
+  c.eval_batch_size = 500
+  c.train_examples = 0  # 0: the whole train split
+  c.output = "checkpoints/fashion_mnist/mobilenet_v2"
+  if arg == "smoke":
+    c.epochs = 1
+    c.train_examples = 256
+    c.batch_size = 64
+    c.width = 0.35
+  return c

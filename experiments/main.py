@@ -1,0 +1,43 @@
+"""Entry point: the only place flags are defined.
+
+  python -m experiments.main --config=configs/fashion_mnist/mobilenet_v2.py --workdir=runs/mnv2
+
+``config.job`` picks the job: "fat" (the quantization pipeline, the default
+main job) or "float" (training a float base model).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fat.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  try:
+    if config.job == "float":
+      from experiments.train_float import train_float
+      train_float(config, FLAGS.workdir)
+    elif config.job == "fat":
+      from experiments.train import train_and_evaluate
+      train_and_evaluate(config, FLAGS.workdir)
+    else:
+      raise UserError(f"config.job must be 'fat' or 'float', got {config.job!r}.")
+  except UserError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

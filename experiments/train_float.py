@@ -1,0 +1,67 @@
+"""Float training of a base classifier (config.job == "float")."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from tqdm import tqdm
+
+from fat import checkpoints, data, evaluate, float_training, models
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  return dict(num_classes=config.num_classes, width=config.width,
+              small_input=config.small_input)
+
+
+def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the float model, evaluates it and saves it to ``config.output``."""
+  train = data.load(config.dataset, "train", config.data_dir or None)
+  test = data.load(config.dataset, "test", config.data_dir or None)
+  if config.train_examples:
+    train = data.subset(train, config.train_examples / len(train), config.seed)
+  model = models.create(config.model, **model_kwargs(config))
+  steps_per_epoch = len(train) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train)} train examples.")
+  total = steps_per_epoch * config.epochs
+  tx = float_training.optimizer(config.learning_rate, config.weight_decay, total,
+                                int(config.warmup_epochs * steps_per_epoch))
+  variables = model.init(jax.random.PRNGKey(config.seed),
+                         jnp.zeros((1,) + train.images.shape[1:]), train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  opt_state = tx.init(params)
+  step = float_training.make_train_step(model, tx, config.label_smoothing)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  apply_eval = lambda v, x: model.apply(v, x, train=False)
+  t0 = time.time()
+  stream = data.batches(train, config.batch_size, seed=config.seed, epochs=config.epochs,
+                        drop_remainder=True, augment_images=config.augment)
+  for i, (x, y) in enumerate(tqdm(stream, total=total, desc="float train")):
+    params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
+    if (i + 1) % 50 == 0:
+      if not np.isfinite(float(loss)):
+        raise FloatingPointError(f"float training diverged at step {i + 1} (loss {loss}); "
+                                 "lower config.learning_rate.")
+      writer.write_scalars(i + 1, {"train_loss": float(loss)})
+    if (i + 1) % steps_per_epoch == 0:
+      preds = evaluate.predict(apply_eval, {"params": params, "batch_stats": stats}, test,
+                               config.eval_batch_size, desc="eval")
+      top1 = evaluate.top1_pct(preds, test.labels)
+      epoch = (i + 1) // steps_per_epoch
+      writer.write_scalars(i + 1, {"test_top1_pct": top1})
+      logging.info("epoch %d: test top-1 %.2f%% (%.0f s)", epoch, top1, time.time() - t0)
+      print(f"epoch {epoch}: test top-1 {top1:.2f}% ({time.time() - t0:.0f} s)", flush=True)
+  writer.flush()
+  meta = {"model": config.model, "model_kwargs": model_kwargs(config),
+          "dataset": config.dataset, "top1_pct": top1, "epochs": config.epochs,
+          "train_seconds": time.time() - t0, "seed": config.seed}
+  checkpoints.save(config.output, {"params": params, "batch_stats": stats}, meta)
+  return meta

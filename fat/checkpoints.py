@@ -1,0 +1,68 @@
+"""Saving and loading variable trees with orbax, plus a JSON sidecar of metadata.
+
+A checkpoint is a directory ``path/`` holding orbax's ``state/`` and
+``meta.json`` (model name and constructor arguments, dataset, metrics).
+Errors name the path and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+META = "meta.json"
+STATE = "state"
+
+
+class CheckpointError(ValueError):
+  """A missing or unreadable checkpoint."""
+
+
+def save(path: str, variables, meta: dict) -> None:
+  """Writes ``variables`` and ``meta`` to ``path``, replacing an older checkpoint.
+
+  The checkpoint is written to ``path.tmp`` and renamed, so an interrupted
+  save never leaves a half-written checkpoint at ``path``.
+  """
+  path = os.path.abspath(path)
+  tmp = path + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  host = jax.tree.map(np.asarray, variables)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, STATE), host)
+  with open(os.path.join(tmp, META), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(tmp, path)
+
+
+def load_meta(path: str) -> dict:
+  meta_path = os.path.join(path, META)
+  if not os.path.isfile(meta_path):
+    raise CheckpointError(
+        f"no checkpoint at {path!r} (missing {META}); check the path, or create it "
+        "with the float-training config named in README.md.")
+  try:
+    with open(meta_path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"checkpoint {path!r} has a corrupt {META}: {e}; "
+                          "restore it from git or retrain it.") from e
+
+
+def load(path: str) -> tuple[dict, dict]:
+  """Returns ``(variables, meta)`` as numpy trees."""
+  meta = load_meta(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(os.path.abspath(path), STATE))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e}); "
+                          "restore it from git or retrain it.") from e
+  return jax.tree.map(np.asarray, state), meta

@@ -1,0 +1,161 @@
+"""Datasets as numpy arrays and deterministic batch iterators.
+
+Fashion-MNIST is read, in order of preference, from ``data_dir`` (the four
+idx ``.gz`` files), from the Debian package ``dataset-fashion-mnist``
+(``/usr/share/datasets/fashion-mnist``), or from TFDS ``fashion_mnist``.
+ImageNet sources live in ``fat/imagenet.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Iterator
+
+import numpy as np
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+DATASETS = ("fashion_mnist",)
+
+
+class DataError(ValueError):
+  """Data that is missing or malformed; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Images (N, H, W, C) uint8 and integer labels (N,)."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, idx) -> "Split":
+    return Split(self.images[idx], self.labels[idx])
+
+
+def _read_idx(path: str) -> np.ndarray:
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read {path}: {e}. Reinstall the data "
+                    "(apt-get install --reinstall dataset-fashion-mnist).") from e
+  if len(raw) < 8 or raw[2] != 8:
+    raise DataError(f"{path} is not an idx file of unsigned bytes.")
+  ndim = raw[3]
+  dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(dims)):
+    raise DataError(f"{path} is truncated: {data.size} bytes for shape {dims}.")
+  return data.reshape(dims)
+
+
+def _fashion_mnist_dir(data_dir: str | None) -> str | None:
+  for d in ([data_dir] if data_dir else []) + [DEBIAN_FASHION_MNIST]:
+    if all(os.path.exists(os.path.join(d, f)) for pair in FASHION_MNIST_FILES.values()
+           for f in pair):
+      return d
+  return None
+
+
+def _fashion_mnist_tfds(split: str, data_dir: str | None) -> Split:
+  try:
+    import tensorflow_datasets as tfds
+    arrays = tfds.as_numpy(tfds.load("fashion_mnist", split=split, batch_size=-1,
+                                      data_dir=data_dir, download=True))
+  except Exception as e:  # any TFDS failure means: no data here
+    raise DataError(
+        "Fashion-MNIST not found. Install it offline with "
+        "`apt-get install dataset-fashion-mnist` (files in "
+        f"{DEBIAN_FASHION_MNIST}), or put the four idx .gz files in config.data_dir, "
+        f"or let TFDS download 'fashion_mnist' where a network is available ({e}).") from e
+  return Split(arrays["image"], arrays["label"].astype(np.int32))
+
+
+def load_fashion_mnist(split: str, data_dir: str | None = None) -> Split:
+  """The "train" (60k) or "test" (10k) split as uint8 (N, 28, 28, 1) images."""
+  if split not in FASHION_MNIST_FILES:
+    raise DataError(f"split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}.")
+  if data_dir and not os.path.isdir(data_dir):
+    raise DataError(f"data_dir {data_dir!r} does not exist; set config.data_dir to the "
+                    "folder holding the Fashion-MNIST idx .gz files, or leave it empty.")
+  d = _fashion_mnist_dir(data_dir)
+  if d is None:
+    return _fashion_mnist_tfds(split, data_dir)
+  img_file, lbl_file = FASHION_MNIST_FILES[split]
+  images = _read_idx(os.path.join(d, img_file))
+  labels = _read_idx(os.path.join(d, lbl_file)).astype(np.int32)
+  if images.ndim != 3 or len(images) != len(labels):
+    raise DataError(f"Fashion-MNIST files in {d} are inconsistent: images {images.shape}, "
+                    f"labels {labels.shape}.")
+  return Split(images[..., None], labels)
+
+
+def load(dataset: str, split: str, data_dir: str | None = None) -> Split:
+  if dataset == "fashion_mnist":
+    return load_fashion_mnist(split, data_dir)
+  raise DataError(f"unknown dataset {dataset!r}; known: {DATASETS}.")
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def subset(split: Split, fraction: float, seed: int) -> Split:
+  """A uniform random ``fraction`` of ``split`` (at least one example), fixed by ``seed``."""
+  if not 0.0 < fraction <= 1.0:
+    raise DataError(f"subset fraction must be in (0, 1], got {fraction}.")
+  n = max(1, int(round(len(split) * fraction)))
+  idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+  return split.take(idx)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
+  """Random crop with ``pad`` pixels of zero padding and random horizontal flip."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy = rng.integers(0, 2 * pad + 1, n)
+  dx = rng.integers(0, 2 * pad + 1, n)
+  rows = dy[:, None] + np.arange(h)[None]
+  cols = dx[:, None] + np.arange(w)[None]
+  out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  flip = rng.random(n) < 0.5
+  out[flip] = out[flip, :, ::-1]
+  return out
+
+
+def batches(split: Split, batch_size: int, *, seed: int | None = None, epochs: int = 1,
+            drop_remainder: bool = False, augment_images: bool = False,
+            labels: bool = True) -> Iterator:
+  """Normalized ``(images, labels)`` (or images alone) batches.
+
+  ``seed`` None keeps the order; otherwise each epoch is shuffled by a
+  generator seeded once with ``seed``, so a seed fixes the whole stream.
+  """
+  if batch_size <= 0:
+    raise DataError(f"batch_size must be positive, got {batch_size}.")
+  rng = np.random.default_rng(seed)
+  n = len(split)
+  for _ in range(epochs):
+    order = rng.permutation(n) if seed is not None else np.arange(n)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+      idx = order[start:start + batch_size]
+      x = split.images[idx]
+      if augment_images:
+        x = augment(x, rng)
+      x = normalize(x)
+      yield (x, split.labels[idx]) if labels else x
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+  return n // batch_size if drop_remainder else -(-n // batch_size)

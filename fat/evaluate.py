@@ -1,0 +1,40 @@
+"""Top-1 accuracy and argmax agreement over a split, jitted once per shape."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from fat import data
+
+
+def predict(apply_fn: Callable, variables, split: data.Split, batch_size: int, *,
+            desc: str = "eval", progress: bool = True) -> np.ndarray:
+  """Argmax predictions of ``apply_fn(variables, x)`` over ``split``.
+
+  The last partial batch is padded to ``batch_size`` so that one compiled
+  function serves the whole split.
+  """
+  fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), axis=-1))
+  preds = []
+  total = data.num_batches(len(split), batch_size)
+  for x, _ in tqdm(data.batches(split, batch_size), total=total, desc=desc,
+                   disable=not progress, leave=False):
+    n = len(x)
+    if n < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    preds.append(np.asarray(fn(variables, x))[:n])
+  return np.concatenate(preds)
+
+
+def top1_pct(preds: np.ndarray, labels: np.ndarray) -> float:
+  return float(100.0 * np.mean(preds == labels))
+
+
+def agreement_pct(preds: np.ndarray, reference: np.ndarray) -> float:
+  """Share of examples whose argmax equals the reference (float) argmax."""
+  return float(100.0 * np.mean(preds == reference))
