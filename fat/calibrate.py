@@ -1,9 +1,13 @@
-"""Quantized variables from folded float params, and min/max calibration.
+"""Quantized variables from folded float params, and activation-range calibration.
 
     qmodel = quantized(model, rules)                        # same architecture, "quant" stage
     qvars  = init_quant_variables(qmodel, folded_params, x)  # params + quant_stats + thresholds
     qvars  = calibrate(qmodel, qvars, batches)               # activation ranges from data
     logits = qmodel.apply(qvars, x)
+
+Ranges include 0 (as int8 runtimes require): min/max calibration takes the
+running min/max over all batches; percentile calibration averages the
+per-batch (100-p, p) percentiles.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from typing import Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 from tqdm import tqdm
 
-from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION, QuantMode
+from fat.layers import ACT_COLLECTION, CALIB_COLLECTION, QuantMode
+
+METHODS = ("minmax", "percentile")
 
 
 def quantized(model: nn.Module, rules, stage: str = "quant") -> nn.Module:
@@ -35,31 +43,51 @@ def init_quant_variables(qmodel: nn.Module, folded_params, sample) -> dict:
   return {**variables, "params": folded_params}
 
 
-def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
-              num_batches: int | None = None, progress: bool = True) -> dict:
-  """Running min/max of every activation quantizer's input over ``batches``.
-
-  The network runs folded and unquantized (standard min/max calibration).
-  Returns ``variables`` with ``quant_stats`` replaced.
-  """
-  cmodel = qmodel.clone(mode=dataclasses.replace(qmodel.mode, stage="calibrate"))
+def observe(qmodel: nn.Module, params, batches: Iterable, *, calibration: str,
+            percentile: float = 99.99, num_batches: int | None = None,
+            progress: bool = True) -> list[dict]:
+  """Per batch, ``{activation module path: statistic}`` from a calibration pass."""
+  mode = dataclasses.replace(qmodel.mode, stage="calibrate", calibration=calibration,
+                             percentile=percentile)
+  cmodel = qmodel.clone(mode=mode)
 
   @jax.jit
-  def step(params, stats, x):
-    _, upd = cmodel.apply({"params": params, ACT_COLLECTION: stats}, x,
-                          mutable=[ACT_COLLECTION])
-    return upd[ACT_COLLECTION]
+  def step(params, x):
+    _, col = cmodel.apply({"params": params}, x, mutable=[CALIB_COLLECTION])
+    flat = traverse_util.flatten_dict(col[CALIB_COLLECTION], sep="/")
+    return {k.rsplit("/", 1)[0]: v[0] for k, v in flat.items()}
 
-  stats = variables.get(ACT_COLLECTION, {})
-  stats = jax.tree_util.tree_map_with_path(
-      lambda p, v: jnp.zeros_like(v) if getattr(p[-1], "key", "") in ("x_min", "x_max") else v,
-      stats)
-  seen = 0
-  for x in tqdm(batches, total=num_batches, desc="calibrate", disable=not progress,
-                leave=False):
-    stats = step(variables["params"], stats, jnp.asarray(x))
-    seen += 1
-  if seen == 0:
+  out = [step(params, jnp.asarray(x))
+         for x in tqdm(batches, total=num_batches, desc=f"calibrate ({calibration})",
+                       disable=not progress, leave=False)]
+  if not out:
     raise ValueError("calibration set is empty: give at least one batch of images "
                      "(check calibration_images and the data split).")
-  return {**variables, ACT_COLLECTION: stats}
+  return out
+
+
+def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
+              method: str = "minmax", percentile: float = 99.99,
+              num_batches: int | None = None, progress: bool = True) -> dict:
+  """``variables`` with activation ranges (``x_min``/``x_max``) from ``batches``.
+
+  The network runs folded and unquantized. ``method`` is "minmax" or
+  "percentile". alpha/beta are left as they are.
+  """
+  if method not in METHODS:
+    raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
+  stats = observe(qmodel, variables["params"], batches, calibration=method,
+                  percentile=percentile, num_batches=num_batches, progress=progress)
+  stacked = {k: np.stack([np.asarray(s[k]) for s in stats]) for k in stats[0]}
+  if method == "minmax":
+    ranges = {k: (v[:, 0].min(), v[:, 1].max()) for k, v in stacked.items()}
+  else:
+    ranges = {k: (v[:, 0].mean(), v[:, 1].mean()) for k, v in stacked.items()}
+  flat = traverse_util.flatten_dict(variables[ACT_COLLECTION], sep="/")
+  for path, (lo, hi) in ranges.items():
+    for name, value in (("x_min", min(lo, 0.0)), ("x_max", max(hi, 0.0))):
+      key = f"{path}/{name}"
+      if key not in flat:
+        raise ValueError(f"no {key} in quant_stats: variables and model disagree.")
+      flat[key] = jnp.asarray(value, jnp.float32)
+  return {**variables, ACT_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}

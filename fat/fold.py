@@ -26,15 +26,16 @@ def fold_batch_norm(kernel, bias, scale, offset, mean, var, eps):
   """
   kernel = jnp.asarray(kernel)
   cout = kernel.shape[-1]
-  mean = jnp.asarray(mean, kernel.dtype)
-  var = jnp.asarray(var, kernel.dtype)
-  for name, v in (("mean", mean), ("var", var)):
-    if v.shape != (cout,):
-      raise ValueError(f"BN {name} has shape {v.shape}, expected ({cout},) "
-                       f"for kernel shape {kernel.shape}.")
   scale = jnp.ones((cout,), kernel.dtype) if scale is None else jnp.asarray(scale)
   offset = jnp.zeros((cout,), kernel.dtype) if offset is None else jnp.asarray(offset)
   bias = jnp.zeros((cout,), kernel.dtype) if bias is None else jnp.asarray(bias)
+  mean = jnp.asarray(mean, kernel.dtype)
+  var = jnp.asarray(var, kernel.dtype)
+  for name, v in (("bias", bias), ("scale", scale), ("offset", offset), ("mean", mean),
+                  ("var", var)):
+    if v.shape != (cout,):
+      raise ValueError(f"BN {name} has shape {v.shape}, expected ({cout},) "
+                       f"for kernel shape {kernel.shape}.")
   mult = scale / jnp.sqrt(var + eps)
   return kernel * mult, offset + (bias - mean) * mult
 

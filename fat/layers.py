@@ -5,8 +5,10 @@ One architecture definition serves every stage of the pipeline; the
 
 * ``"float"``:     conv (no bias) -> BatchNorm -> activation; the trainable float net.
 * ``"folded"``:    conv with the BN folded into kernel and bias; no quantization.
-* ``"calibrate"``: folded, and every activation quantizer records the running
-  min/max of its input into the ``quant_stats`` collection.
+* ``"calibrate"``: folded, and every activation quantizer sows a statistic of
+  its input into the ``calibration`` collection: its (min, max), its
+  (100-p, p) percentiles, or the tensor itself (``QuantMode.calibration``);
+  ``fat.calibrate`` reduces them over batches into ``quant_stats``.
 * ``"quant"``:     folded, weights and activations fake-quantized by the specs
   that ``QuantMode.rules`` assign to each layer path.
 
@@ -33,8 +35,10 @@ import jax.numpy as jnp
 from fat import depthwise, quant, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
+CALIBRATIONS = ("minmax", "percentile", "capture")
 ACT_COLLECTION = "quant_stats"
 TRAINABLE_COLLECTION = "thresholds"
+CALIB_COLLECTION = "calibration"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,10 +47,17 @@ class QuantMode:
 
   stage: str = "float"
   rules: tuple[rules.QuantRule, ...] = ()
+  calibration: str = "minmax"
+  percentile: float = 99.99
 
   def __post_init__(self):
     if self.stage not in STAGES:
       raise ValueError(f"QuantMode.stage must be one of {STAGES}, got {self.stage!r}.")
+    if self.calibration not in CALIBRATIONS:
+      raise ValueError(f"QuantMode.calibration must be one of {CALIBRATIONS}, "
+                       f"got {self.calibration!r}.")
+    if not 50.0 < self.percentile <= 100.0:
+      raise ValueError(f"QuantMode.percentile must be in (50, 100], got {self.percentile}.")
     object.__setattr__(self, "rules", tuple(self.rules))
 
   @property
@@ -74,6 +85,16 @@ def act_spec(spec: quant.QuantSpec, signed: bool) -> quant.QuantSpec:
   return spec
 
 
+def calibration_stat(x, mode: QuantMode):
+  """What a calibration pass records of one activation tensor."""
+  xs = jax.lax.stop_gradient(x).astype(jnp.float32)
+  if mode.calibration == "capture":
+    return xs
+  if mode.calibration == "percentile":
+    return jnp.percentile(xs.ravel(), jnp.array([100.0 - mode.percentile, mode.percentile]))
+  return jnp.stack([jnp.min(xs), jnp.max(xs)])
+
+
 class ActQuant(nn.Module):
   """Fake-quantizes an activation (per tensor) in "quant" mode.
 
@@ -96,14 +117,12 @@ class ActQuant(nn.Module):
     if spec is None:
       return x
     spec = act_spec(dataclasses.replace(spec, per_channel=False), self.signed)
-    x_min = self.variable(ACT_COLLECTION, "x_min", jnp.zeros, (), jnp.float32)
-    x_max = self.variable(ACT_COLLECTION, "x_max", jnp.zeros, (), jnp.float32)
     if self.mode.stage == "calibrate":
       if not self.is_initializing():
-        xs = jax.lax.stop_gradient(x).astype(jnp.float32)
-        x_min.value = jnp.minimum(x_min.value, jnp.min(xs))
-        x_max.value = jnp.maximum(x_max.value, jnp.max(xs))
+        self.sow(CALIB_COLLECTION, "observed", calibration_stat(x, self.mode))
       return x
+    x_min = self.variable(ACT_COLLECTION, "x_min", jnp.zeros, (), jnp.float32)
+    x_max = self.variable(ACT_COLLECTION, "x_max", jnp.zeros, (), jnp.float32)
     col = TRAINABLE_COLLECTION if self.trainable else ACT_COLLECTION
     alpha = self.variable(col, "alpha", jnp.ones, (), jnp.float32)
     beta = self.variable(col, "beta", jnp.zeros, (), jnp.float32)

@@ -1,0 +1,59 @@
+"""FAT's learning-rate schedule and periodic Adam reset (METHOD.md section 3), on optax.
+
+``lr_t = lr * exp(-decay * t) * |cos(pi * d / (4 * N))| + 1e-7`` with
+``d = t mod N``; every ``N`` steps the Adam moments and bias-correction count
+restart from zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def fat_schedule(learning_rate: float, reset_every: int = 400,
+                 decay: float = 1e-4, floor: float = 1e-7) -> optax.Schedule:
+  if reset_every <= 0:
+    raise ValueError(f"reset_every must be positive, got {reset_every}.")
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    d = jnp.mod(t, reset_every)
+    return learning_rate * jnp.exp(-decay * t) * jnp.abs(
+        jnp.cos(jnp.pi * d / (4.0 * reset_every))) + floor
+
+  return schedule
+
+
+class ResetState(NamedTuple):
+  count: jax.Array
+  inner: optax.OptState
+
+
+def reset_every(inner: optax.GradientTransformation, every: int) -> optax.GradientTransformation:
+  """Re-initialises ``inner``'s state every ``every`` updates (Adam reset)."""
+
+  def init(params):
+    return ResetState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    fresh = inner.init(updates)
+    restart = (state.count > 0) & (jnp.mod(state.count, every) == 0)
+    inner_state = jax.tree.map(lambda f, s: jnp.where(restart, f, s), fresh, state.inner)
+    updates, inner_state = inner.update(updates, inner_state, params)
+    return updates, ResetState(state.count + 1, inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def fat_optimizer(learning_rate: float, reset_steps: int = 400,
+                  decay: float = 1e-4) -> optax.GradientTransformation:
+  """Adam with FAT's cosine-and-reset schedule."""
+  return optax.chain(
+      reset_every(optax.scale_by_adam(), reset_steps),
+      optax.scale_by_schedule(fat_schedule(learning_rate, reset_steps, decay)),
+      optax.scale(-1.0),
+  )
