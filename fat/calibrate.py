@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from fat.layers import ACT_COLLECTION, CALIB_COLLECTION, QuantMode
+from fat.layers import ACT_COLLECTION, CALIB_COLLECTION, TRAINABLE_COLLECTION, QuantMode
 
 METHODS = ("minmax", "percentile")
 
@@ -43,7 +43,7 @@ def init_quant_variables(qmodel: nn.Module, folded_params, sample) -> dict:
   return {**variables, "params": folded_params}
 
 
-def observe(qmodel: nn.Module, params, batches: Iterable, *, calibration: str,
+def observe(qmodel: nn.Module, variables: dict, batches: Iterable, *, calibration: str,
             percentile: float = 99.99, num_batches: int | None = None,
             progress: bool = True) -> list[dict]:
   """Per batch, ``{activation module path: statistic}`` from a calibration pass."""
@@ -52,12 +52,12 @@ def observe(qmodel: nn.Module, params, batches: Iterable, *, calibration: str,
   cmodel = qmodel.clone(mode=mode)
 
   @jax.jit
-  def step(params, x):
-    _, col = cmodel.apply({"params": params}, x, mutable=[CALIB_COLLECTION])
+  def step(variables, x):
+    _, col = cmodel.apply(variables, x, mutable=[CALIB_COLLECTION])
     flat = traverse_util.flatten_dict(col[CALIB_COLLECTION], sep="/")
     return {k.rsplit("/", 1)[0]: v[0] for k, v in flat.items()}
 
-  out = [step(params, jnp.asarray(x))
+  out = [step(variables, jnp.asarray(x))
          for x in tqdm(batches, total=num_batches, desc=f"calibrate ({calibration})",
                        disable=not progress, leave=False)]
   if not out:
@@ -76,7 +76,7 @@ def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
   """
   if method not in METHODS:
     raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
-  stats = observe(qmodel, variables["params"], batches, calibration=method,
+  stats = observe(qmodel, {"params": variables["params"]}, batches, calibration=method,
                   percentile=percentile, num_batches=num_batches, progress=progress)
   stacked = {k: np.stack([np.asarray(s[k]) for s in stats]) for k in stats[0]}
   if method == "minmax":
@@ -91,3 +91,24 @@ def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
         raise ValueError(f"no {key} in quant_stats: variables and model disagree.")
       flat[key] = jnp.asarray(value, jnp.float32)
   return {**variables, ACT_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def mse_search(qmodel: nn.Module, variables: dict, batches: Iterable, *,
+               num_batches: int | None = None, progress: bool = True) -> dict:
+  """The MSE PTQ baseline: per quantizer, the alpha on a grid with least error.
+
+  Activation errors are summed over ``batches``; weights are searched per
+  channel when their spec is per-channel. Ranges come from ``variables``
+  (calibrate first); the untrained input quantizer keeps its alpha.
+  """
+  sweeps = observe(qmodel, variables, batches, calibration="mse",
+                   num_batches=num_batches, progress=progress)
+  flat = traverse_util.flatten_dict(variables[TRAINABLE_COLLECTION], sep="/")
+  for path, (grid, _) in sweeps[0].items():
+    errors = sum(np.asarray(s[path][1], np.float64) for s in sweeps)
+    alpha = np.asarray(grid)[np.argmin(errors, axis=0)]
+    key = f"{path}/alpha"
+    if key not in flat:
+      raise ValueError(f"no {key} in thresholds: variables and model disagree.")
+    flat[key] = jnp.asarray(alpha, jnp.float32).reshape(flat[key].shape)
+  return {**variables, TRAINABLE_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}

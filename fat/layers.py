@@ -7,8 +7,9 @@ One architecture definition serves every stage of the pipeline; the
 * ``"folded"``:    conv with the BN folded into kernel and bias; no quantization.
 * ``"calibrate"``: folded, and every activation quantizer sows a statistic of
   its input into the ``calibration`` collection: its (min, max), its
-  (100-p, p) percentiles, or the tensor itself (``QuantMode.calibration``);
-  ``fat.calibrate`` reduces them over batches into ``quant_stats``.
+  (100-p, p) percentiles, or, for "mse", the quantization error of every
+  alpha on a grid (``QuantMode.calibration``; weights sow it too);
+  ``fat.calibrate`` reduces them over batches into the variables.
 * ``"quant"``:     folded, weights and activations fake-quantized by the specs
   that ``QuantMode.rules`` assign to each layer path.
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from fat import depthwise, quant, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
-CALIBRATIONS = ("minmax", "percentile", "capture")
+CALIBRATIONS = ("minmax", "percentile", "mse")
 ACT_COLLECTION = "quant_stats"
 TRAINABLE_COLLECTION = "thresholds"
 CALIB_COLLECTION = "calibration"
@@ -88,8 +89,6 @@ def act_spec(spec: quant.QuantSpec, signed: bool) -> quant.QuantSpec:
 def calibration_stat(x, mode: QuantMode):
   """What a calibration pass records of one activation tensor."""
   xs = jax.lax.stop_gradient(x).astype(jnp.float32)
-  if mode.calibration == "capture":
-    return xs
   if mode.calibration == "percentile":
     return jnp.percentile(xs.ravel(), jnp.array([100.0 - mode.percentile, mode.percentile]))
   return jnp.stack([jnp.min(xs), jnp.max(xs)])
@@ -117,7 +116,8 @@ class ActQuant(nn.Module):
     if spec is None:
       return x
     spec = act_spec(dataclasses.replace(spec, per_channel=False), self.signed)
-    if self.mode.stage == "calibrate":
+    sweep = self.mode.stage == "calibrate" and self.mode.calibration == "mse"
+    if self.mode.stage == "calibrate" and not sweep:
       if not self.is_initializing():
         self.sow(CALIB_COLLECTION, "observed", calibration_stat(x, self.mode))
       return x
@@ -127,12 +127,17 @@ class ActQuant(nn.Module):
     alpha = self.variable(col, "alpha", jnp.ones, (), jnp.float32)
     beta = self.variable(col, "beta", jnp.zeros, (), jnp.float32)
     qp = quant.params_from_range(x_min.value, x_max.value, spec, alpha.value, beta.value)
+    if sweep:  # the (fixed-range) input keeps its alpha
+      if self.trainable and not self.is_initializing():
+        self.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(x, qp, spec))
+      return x
     return quant.fake_quant(x, qp, spec)
 
 
 def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
   """Fake-quantizes ``kernel`` (output channel last) in "quant" mode."""
-  if mode.stage != "quant":
+  sweep = mode.stage == "calibrate" and mode.calibration == "mse"
+  if mode.stage != "quant" and not sweep:
     return kernel
   spec = rules.resolve(mode.rules, layer_path(module), "weight")
   if spec is None:
@@ -143,6 +148,10 @@ def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
   beta = module.variable(TRAINABLE_COLLECTION, "beta", jnp.zeros, shape, jnp.float32)
   w_min, w_max = quant.observed_range(jax.lax.stop_gradient(kernel), spec)
   qp = quant.params_from_range(w_min, w_max, spec, alpha.value, beta.value)
+  if sweep:
+    if not module.is_initializing():
+      module.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(kernel, qp, spec))
+    return kernel
   kernel_q = quant.fake_quant(kernel, qp, spec)
   # Recorded only when the caller makes "intermediates" mutable (tests, export).
   module.sow("intermediates", "kernel_q", kernel_q)

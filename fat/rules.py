@@ -6,7 +6,7 @@ activation). For each role ("weight" or "act") the first rule whose pattern
 matches (``re.search``) and that sets that role decides; a role no rule sets
 stays in float. "First and last layer at 8 bits, the rest at 4" is::
 
-    rules = (QuantRule(pattern=r"^(stem|classifier)/", weight=w8),
+    rules = (QuantRule(pattern=r"^(stem|classifier)(/|$)", weight=w8),
              QuantRule(pattern=r".*", weight=w4, act=a8))
 """
 

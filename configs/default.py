@@ -1,0 +1,60 @@
+"""Defaults for the FAT main job (config.job == "fat"); variants override a few fields.
+
+Run (MobileNet-v2 on the embedded Fashion-MNIST benchmark):
+  python -m experiments.main --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def setting(name, weight_bits, act_bits, per_channel, weight_kind="symmetric",
+            act_kind="symmetric", first_last_bits=0):
+  """One quantization setting; ``first_last_bits`` > 0 keeps stem and classifier weights
+  at that width (a rule override)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
+      weight_kind=weight_kind, act_kind=act_kind, first_last_bits=first_last_bits))
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "fat"
+  c.model_checkpoint = "checkpoints/fashion_mnist/mobilenet_v2"
+  c.dataset = "fashion_mnist"
+  c.data_dir = ""
+  c.seed = 0
+  c.eval_examples = 0            # 0: the whole test split
+  c.eval_batch_size = 500
+  c.calibration_images = 512
+  c.calibration_batch_size = 128
+  c.ptq_methods = ("minmax", "percentile", "mse")
+  c.percentile = 99.99
+  c.settings = [
+      setting("w8a8_per_channel", 8, 8, True),
+      setting("w8a8_per_tensor", 8, 8, False),
+      setting("w4a8_per_channel", 4, 8, True),
+  ]
+  c.fat = ml_collections.ConfigDict(dict(
+      train_fraction=0.1,        # unlabeled share of the train split
+      batch_size=100,
+      epochs=3,
+      learning_rate=1e-3,
+      reset_steps=400,           # N of METHOD.md section 3
+      lr_decay=1e-4,
+      loss="rmse",               # or "smooth_l1" (the original code's)
+      alpha_range=(0.5, 1.0),
+      beta_range=(-0.2, 0.4),
+  ))
+  c.qat = ml_collections.ConfigDict(dict(
+      enabled=False, batch_size=100, epochs=1, learning_rate=1e-5, train_fraction=1.0))
+  c.log_every = 20
+  if arg == "smoke":
+    c.eval_examples = 200
+    c.calibration_images = 64
+    c.calibration_batch_size = 32
+    c.settings = [setting("w8a8_per_channel", 8, 8, True),
+                  setting("w4a8_per_channel", 4, 8, True)]
+    c.fat.train_fraction = 0.004
+    c.fat.batch_size = 32
+    c.fat.epochs = 1
+  return c

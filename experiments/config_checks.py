@@ -1,0 +1,72 @@
+"""Up-front checks of a main-job config and workdir, before anything is written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ml_collections
+
+from fat import data, methods, quant
+
+PTQ_METHODS = ("minmax", "percentile", "mse")
+
+
+def _positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.{name} must be a positive integer, got {value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and its allowed values."""
+  if config.dataset not in data.DATASETS:
+    raise ValueError(f"config.dataset {config.dataset!r} is unknown; choose one of "
+                     f"{data.DATASETS}.")
+  for name in ("eval_batch_size", "calibration_images", "calibration_batch_size",
+               "log_every"):
+    _positive_int(name, config[name])
+  if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
+    raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
+  unknown = set(config.ptq_methods) - set(PTQ_METHODS)
+  if unknown:
+    raise ValueError(f"config.ptq_methods has unknown {sorted(unknown)}; choose from "
+                     f"{PTQ_METHODS}.")
+  fat = config.fat
+  for name in ("batch_size", "epochs", "reset_steps"):
+    _positive_int(f"fat.{name}", fat[name])
+  if not 0.0 < fat.train_fraction <= 1.0:
+    raise ValueError(f"config.fat.train_fraction must be in (0, 1], got {fat.train_fraction}.")
+  if not fat.learning_rate > 0:
+    raise ValueError(f"config.fat.learning_rate must be positive, got {fat.learning_rate}.")
+  if fat.loss not in methods.LOSSES:
+    raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
+  if config.qat.enabled:
+    for name in ("batch_size", "epochs"):
+      _positive_int(f"qat.{name}", config.qat[name])
+  if not config.settings:
+    raise ValueError("config.settings is empty; add at least one quantization setting.")
+  names = [s.name for s in config.settings]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.settings names must be unique, got {names}.")
+  for s in config.settings:
+    for role, bits, kind in (("weight", s.weight_bits, s.weight_kind),
+                             ("act", s.act_bits, s.act_kind)):
+      try:
+        quant.QuantSpec(bits=bits, kind=kind, alpha_range=tuple(fat.alpha_range),
+                        beta_range=tuple(fat.beta_range))
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"config.settings[{s.name!r}] {role}: {e}") from e
+    if s.weight_kind == "unsigned":
+      raise ValueError(f"config.settings[{s.name!r}].weight_kind cannot be 'unsigned'; "
+                       "use 'symmetric' or 'asymmetric'.")
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates ``workdir`` and checks that a file can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise OSError(f"workdir {workdir!r} cannot be written ({e.strerror or e}); "
+                  "pass a writable --workdir.") from e

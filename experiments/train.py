@@ -1,0 +1,203 @@
+"""The FAT main job: float -> fold -> calibrate -> PTQ -> FAT (-> QAT) -> evaluate -> report.
+
+``train_and_evaluate(config, workdir)`` runs every setting of ``config`` and
+writes to ``workdir``: report.json, report.md, config.json, PNG plots,
+TensorBoard event files and, per setting, an orbax checkpoint of the
+quantized variables (``checkpoints/<setting>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from tqdm import tqdm
+
+from fat import (calibrate, checkpoints, data, evaluate, fold, methods, models, quant,
+                 report, rules, schedules)
+from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
+from experiments import config_checks
+
+
+def setting_rules(s, fat_cfg) -> tuple[rules.QuantRule, ...]:
+  """The quantizer rules of one setting (see configs/default.py)."""
+  ranges = dict(alpha_range=tuple(fat_cfg.alpha_range), beta_range=tuple(fat_cfg.beta_range))
+  weight = quant.QuantSpec(bits=s.weight_bits, kind=s.weight_kind, per_channel=s.per_channel,
+                           **ranges)
+  act = quant.QuantSpec(bits=s.act_bits, kind=s.act_kind, **ranges)
+  overrides = ()
+  if s.first_last_bits:
+    first_last = quant.QuantSpec(bits=s.first_last_bits, kind=s.weight_kind,
+                                 per_channel=s.per_channel, **ranges)
+    overrides = (rules.QuantRule(pattern=r"^(stem|classifier)(/|$)", weight=first_last),)
+  return rules.uniform_rules(weight=weight, act=act, overrides=overrides)
+
+
+class Evaluator:
+  """Predictions on the eval split, compiled once per model stage."""
+
+  def __init__(self, test: data.Split, batch_size: int):
+    self.test, self.batch_size, self.reference = test, batch_size, None
+
+  def __call__(self, apply_fn, variables, desc):
+    preds = evaluate.predict(apply_fn, variables, self.test, self.batch_size, desc=desc)
+    out = {"top1_pct": evaluate.top1_pct(preds, self.test.labels)}
+    if self.reference is not None:
+      out["agreement_pct"] = evaluate.agreement_pct(preds, self.reference)
+    return out, preds
+
+
+def logits_of(apply_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+  fn = jax.jit(apply_fn)
+  return np.concatenate([np.asarray(fn(variables, data.normalize(images[i:i + batch_size])))
+                         for i in range(0, len(images), batch_size)])
+
+
+def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, cfg, seed,
+                     writer, tag, log_every):
+  """FAT: Adam with the cosine-and-reset schedule on alpha/beta only."""
+  tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
+  step = methods.make_fat_step(qmodel, tx, cfg.loss)
+  thresholds = qvars[TRAINABLE_COLLECTION]
+  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
+  opt_state = tx.init(thresholds)
+  n = len(unlabeled)
+  steps_per_epoch = max(1, n // cfg.batch_size)
+  rng = np.random.default_rng(seed)
+  losses, nan_steps, t0 = [], 0, time.time()
+  bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"FAT {tag}", leave=False)
+  for epoch in range(cfg.epochs):
+    order = rng.permutation(n)
+    for b in range(steps_per_epoch):
+      idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+      x = data.normalize(unlabeled.images[idx])
+      thresholds, opt_state, m = step(thresholds, opt_state, frozen, x, teacher[idx])
+      i = epoch * steps_per_epoch + b + 1
+      if i % log_every == 0 or i == steps_per_epoch * cfg.epochs:
+        loss, ok = float(m["loss"]), bool(m["finite"])
+        nan_steps += not ok
+        losses.append((i, loss))
+        writer.write_scalars(i, {f"{tag}/fat_loss": loss})
+      bar.update()
+  bar.close()
+  jax.block_until_ready(thresholds)
+  stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
+           "steps": steps_per_epoch * cfg.epochs, "nonfinite_logged_steps": nan_steps}
+  return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
+
+
+def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_every):
+  """Full-QAT baseline: params and thresholds, labels, cross-entropy, Adam."""
+  tx = optax.adam(cfg.learning_rate)
+  step = methods.make_qat_step(qmodel, tx)
+  trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
+  frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
+  opt_state = tx.init(trainable)
+  t0, losses = time.time(), []
+  total = data.num_batches(len(train), cfg.batch_size, True) * cfg.epochs
+  stream = data.batches(train, cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
+  for i, (x, y) in enumerate(tqdm(stream, total=total, desc=f"QAT {tag}", leave=False), 1):
+    trainable, opt_state, m = step(trainable, opt_state, frozen, x, y)
+    if i % log_every == 0:
+      losses.append((i, float(m["loss"])))
+      writer.write_scalars(i, {f"{tag}/qat_loss": losses[-1][1]})
+  jax.block_until_ready(trainable)
+  stats = {"train_seconds": time.time() - t0, "train_images": len(train), "epochs": cfg.epochs,
+           "steps": total}
+  return {**qvars, **trainable}, losses, stats
+
+
+def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, workdir):
+  """PTQ baselines, FAT and optionally QAT for one setting; returns its report entry."""
+  unlabeled, calib, train = splits
+  qmodel = calibrate.quantized(model, setting_rules(s, config.fat))
+  apply_q = lambda v, x: qmodel.apply(v, x)
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"], data.normalize(calib.images[:1]))
+  calib_batches = lambda: (x for x, _ in data.batches(calib, config.calibration_batch_size))
+  nb = data.num_batches(len(calib), config.calibration_batch_size)
+  candidates = {"ptq_minmax": calibrate.calibrate(qmodel, qvars, calib_batches(), num_batches=nb)}
+  if "percentile" in config.ptq_methods:
+    candidates["ptq_percentile"] = calibrate.calibrate(
+        qmodel, qvars, calib_batches(), method="percentile", percentile=config.percentile,
+        num_batches=nb)
+  if "mse" in config.ptq_methods:
+    candidates["ptq_mse"] = calibrate.mse_search(qmodel, candidates["ptq_minmax"],
+                                                 calib_batches(), num_batches=nb)
+  entry = {k: s[k] for k in ("name", "weight_bits", "act_bits", "per_channel", "weight_kind",
+                             "act_kind")}
+  entry["methods"] = {}
+  for name, v in candidates.items():
+    entry["methods"][name] = evaluator(apply_q, v, f"{s.name} {name}")[0]
+  others = [k for k in candidates if k != "ptq_minmax"] or ["ptq_minmax"]
+  entry["best_ptq"] = max(others, key=lambda k: entry["methods"][k]["top1_pct"])
+  # FAT starts from the PTQ variant with the lowest distillation loss on the
+  # unlabeled calibration images (no labels, no test data).
+  cal_teacher = teacher[:len(calib)]
+  def distill(v):
+    q = logits_of(apply_q, v, calib.images, config.calibration_batch_size)
+    return float(methods.distillation_loss(q, cal_teacher, config.fat.loss))
+  init = min(candidates, key=lambda k: distill(candidates[k]))
+  fat_vars, losses, stats = train_thresholds(qmodel, candidates[init], unlabeled, teacher,
+                                             config.fat, config.seed, writer, s.name,
+                                             config.log_every)
+  entry["methods"]["fat"] = {**evaluator(apply_q, fat_vars, f"{s.name} fat")[0], **stats,
+                             "init": init}
+  curves = {"fat": losses}
+  if config.qat.enabled:
+    qat_vars, qlosses, qstats = train_qat(qmodel, candidates["ptq_minmax"], train, config.qat,
+                                          config.seed, writer, s.name, config.log_every)
+    entry["methods"]["qat"] = {**evaluator(apply_q, qat_vars, f"{s.name} qat")[0], **qstats}
+    curves["qat"] = qlosses
+  checkpoints.save(os.path.join(workdir, "checkpoints", s.name), fat_vars,
+                   {"setting": entry["name"], "config": s.to_dict(),
+                    "fat": config.fat.to_dict()})
+  return entry, fat_vars, curves
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config_checks.validate(config)
+  config_checks.ensure_writable(workdir)
+  float_vars, meta = checkpoints.load(config.model_checkpoint)
+  model = models.create(meta["model"], **meta["model_kwargs"])
+  train = data.load(config.dataset, "train", config.data_dir or None)
+  test = data.load(config.dataset, "test", config.data_dir or None)
+  if config.eval_examples:
+    test = test.take(np.arange(min(config.eval_examples, len(test))))
+  unlabeled = data.subset(train, config.fat.train_fraction, config.seed)
+  calib = unlabeled.take(np.arange(min(config.calibration_images, len(unlabeled))))
+  if len(calib) == 0:
+    raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  folded = fold.fold_variables(float_vars, model.bn_eps)
+  fmodel = calibrate.quantized(model, (), stage="folded")
+  apply_f = lambda v, x: fmodel.apply(v, x)
+  evaluator = Evaluator(test, config.eval_batch_size)
+  fp32, evaluator.reference = evaluator(apply_f, folded, "fp32")
+  teacher = logits_of(apply_f, folded, unlabeled.images, config.eval_batch_size)
+  out = {"model": meta["model"], "width": meta["model_kwargs"]["width"],
+         "dataset": config.dataset, "eval_examples": len(test), "fp32": fp32,
+         "calibration_images": len(calib), "seed": config.seed, "settings": []}
+  thresholds, curves = {}, {}
+  qat_train = data.subset(train, config.qat.train_fraction, config.seed)
+  for s in config.settings:
+    entry, fat_vars, c = run_setting(s, config, model, folded, (unlabeled, calib, qat_train),
+                                     teacher, evaluator, writer, workdir)
+    out["settings"].append(entry)
+    thresholds[s.name] = fat_vars[TRAINABLE_COLLECTION]
+    curves.update({f"{s.name} {k}": [l for _, l in v] for k, v in c.items()})
+  writer.flush()
+  report.validate_report(out)
+  report.plot_thresholds(os.path.join(workdir, "thresholds.png"), thresholds)
+  report.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"), folded["params"])
+  report.plot_losses(os.path.join(workdir, "loss.png"), curves)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+  report.write_report(workdir, out)
+  return out
