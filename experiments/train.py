@@ -46,16 +46,16 @@ class Evaluator:
   def __init__(self, test: data.Split, batch_size: int):
     self.test, self.batch_size, self.reference = test, batch_size, None
 
-  def __call__(self, apply_fn, variables, desc):
-    preds = evaluate.predict(apply_fn, variables, self.test, self.batch_size, desc=desc)
+  def __call__(self, predict_fn, variables, desc):
+    preds = evaluate.predict(predict_fn, variables, self.test, self.batch_size, desc=desc)
     out = {"top1_pct": evaluate.top1_pct(preds, self.test.labels)}
     if self.reference is not None:
       out["agreement_pct"] = evaluate.agreement_pct(preds, self.reference)
     return out, preds
 
 
-def logits_of(apply_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
-  fn = jax.jit(apply_fn)
+def logits_of(fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Logits of the jitted ``fn(variables, x)`` over uint8 ``images``."""
   return np.concatenate([np.asarray(fn(variables, data.normalize(images[i:i + batch_size])))
                          for i in range(0, len(images), batch_size)])
 
@@ -118,7 +118,8 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   """PTQ baselines, FAT and optionally QAT for one setting; returns its report entry."""
   unlabeled, calib, train = splits
   qmodel = calibrate.quantized(model, setting_rules(s, config.fat))
-  apply_q = lambda v, x: qmodel.apply(v, x)
+  apply_q = jax.jit(qmodel.apply)
+  predict_q = evaluate.make_predict(qmodel.apply)
   qvars = calibrate.init_quant_variables(qmodel, folded["params"], data.normalize(calib.images[:1]))
   calib_batches = lambda: (x for x, _ in data.batches(calib, config.calibration_batch_size))
   nb = data.num_batches(len(calib), config.calibration_batch_size)
@@ -134,7 +135,7 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
                              "act_kind")}
   entry["methods"] = {}
   for name, v in candidates.items():
-    entry["methods"][name] = evaluator(apply_q, v, f"{s.name} {name}")[0]
+    entry["methods"][name] = evaluator(predict_q, v, f"{s.name} {name}")[0]
   others = [k for k in candidates if k != "ptq_minmax"] or ["ptq_minmax"]
   entry["best_ptq"] = max(others, key=lambda k: entry["methods"][k]["top1_pct"])
   # FAT starts from the PTQ variant with the lowest distillation loss on the
@@ -147,13 +148,13 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   fat_vars, losses, stats = train_thresholds(qmodel, candidates[init], unlabeled, teacher,
                                              config.fat, config.seed, writer, s.name,
                                              config.log_every)
-  entry["methods"]["fat"] = {**evaluator(apply_q, fat_vars, f"{s.name} fat")[0], **stats,
+  entry["methods"]["fat"] = {**evaluator(predict_q, fat_vars, f"{s.name} fat")[0], **stats,
                              "init": init}
   curves = {"fat": losses}
   if config.qat.enabled:
     qat_vars, qlosses, qstats = train_qat(qmodel, candidates["ptq_minmax"], train, config.qat,
                                           config.seed, writer, s.name, config.log_every)
-    entry["methods"]["qat"] = {**evaluator(apply_q, qat_vars, f"{s.name} qat")[0], **qstats}
+    entry["methods"]["qat"] = {**evaluator(predict_q, qat_vars, f"{s.name} qat")[0], **qstats}
     curves["qat"] = qlosses
   checkpoints.save(os.path.join(workdir, "checkpoints", s.name), fat_vars,
                    {"setting": entry["name"], "config": s.to_dict(),
@@ -177,10 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   folded = fold.fold_variables(float_vars, model.bn_eps)
   fmodel = calibrate.quantized(model, (), stage="folded")
-  apply_f = lambda v, x: fmodel.apply(v, x)
   evaluator = Evaluator(test, config.eval_batch_size)
-  fp32, evaluator.reference = evaluator(apply_f, folded, "fp32")
-  teacher = logits_of(apply_f, folded, unlabeled.images, config.eval_batch_size)
+  fp32, evaluator.reference = evaluator(evaluate.make_predict(fmodel.apply), folded, "fp32")
+  teacher = logits_of(jax.jit(fmodel.apply), folded, unlabeled.images, config.eval_batch_size)
   out = {"model": meta["model"], "width": meta["model_kwargs"]["width"],
          "dataset": config.dataset, "eval_examples": len(test), "fp32": fp32,
          "calibration_images": len(calib), "seed": config.seed, "settings": []}

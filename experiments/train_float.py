@@ -40,7 +40,7 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
   opt_state = tx.init(params)
   step = float_training.make_train_step(model, tx, config.label_smoothing)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  apply_eval = lambda v, x: model.apply(v, x, train=False)
+  predict = evaluate.make_predict(lambda v, x: model.apply(v, x, train=False))
   t0 = time.time()
   stream = data.batches(train, config.batch_size, seed=config.seed, epochs=config.epochs,
                         drop_remainder=True, augment_images=config.augment)
@@ -52,7 +52,7 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  "lower config.learning_rate.")
       writer.write_scalars(i + 1, {"train_loss": float(loss)})
     if (i + 1) % steps_per_epoch == 0:
-      preds = evaluate.predict(apply_eval, {"params": params, "batch_stats": stats}, test,
+      preds = evaluate.predict(predict, {"params": params, "batch_stats": stats}, test,
                                config.eval_batch_size, desc="eval")
       top1 = evaluate.top1_pct(preds, test.labels)
       epoch = (i + 1) // steps_per_epoch

@@ -12,14 +12,18 @@ from tqdm import tqdm
 from fat import data
 
 
-def predict(apply_fn: Callable, variables, split: data.Split, batch_size: int, *,
+def make_predict(apply_fn: Callable) -> Callable:
+  """A jitted ``(variables, x) -> argmax`` to reuse across calls of ``predict``."""
+  return jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), axis=-1))
+
+
+def predict(fn: Callable, variables, split: data.Split, batch_size: int, *,
             desc: str = "eval", progress: bool = True) -> np.ndarray:
-  """Argmax predictions of ``apply_fn(variables, x)`` over ``split``.
+  """Argmax predictions of ``fn`` (from ``make_predict``) over ``split``.
 
   The last partial batch is padded to ``batch_size`` so that one compiled
   function serves the whole split.
   """
-  fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), axis=-1))
   preds = []
   total = data.num_batches(len(split), batch_size)
   for x, _ in tqdm(data.batches(split, batch_size), total=total, desc=desc,

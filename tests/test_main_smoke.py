@@ -1,0 +1,145 @@
+"""The main job end to end on a tiny config, its determinism, and bad-input exits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import default
+from configs.fashion_mnist import mobilenet_v2_fp
+from experiments.train import train_and_evaluate
+from experiments.train_float import train_float
+from fat import checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+  """A tiny float MobileNet-v2 trained for a few steps by the float job's smoke config."""
+  root = tmp_path_factory.mktemp("float")
+  config = mobilenet_v2_fp.get_config("smoke")
+  config.output = str(root / "ckpt")
+  meta = train_float(config, str(root / "work"))
+  assert meta["model_kwargs"]["width"] == 0.35
+  assert 0.0 <= meta["top1_pct"] <= 100.0
+  return config.output
+
+
+def smoke_config(ckpt, **overrides):
+  config = default.get_config("smoke")
+  config.model_checkpoint = ckpt
+  for k, v in overrides.items():
+    config[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def smoke_run(float_ckpt, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("main"))
+  return workdir, train_and_evaluate(smoke_config(float_ckpt), workdir)
+
+
+def test_report_schema_and_values(smoke_run):
+  workdir, report = smoke_run
+  on_disk = json.load(open(os.path.join(workdir, "report.json")))
+  assert on_disk["settings"][0]["name"] == report["settings"][0]["name"]
+  assert on_disk["model"] == "mobilenet_v2" and on_disk["dataset"] == "fashion_mnist"
+  assert on_disk["eval_examples"] == 200 and on_disk["width"] == 0.35
+  assert 0.0 <= on_disk["fp32"]["top1_pct"] <= 100.0
+  names = [s["name"] for s in on_disk["settings"]]
+  assert names == ["w8a8_per_channel", "w4a8_per_channel"]
+  for s in on_disk["settings"]:
+    assert set(s["methods"]) == {"ptq_minmax", "ptq_percentile", "ptq_mse", "fat"}
+    assert s["best_ptq"] in ("ptq_percentile", "ptq_mse")
+    for m in s["methods"].values():
+      assert 0.0 <= m["top1_pct"] <= 100.0 and 0.0 <= m["agreement_pct"] <= 100.0
+      # Percentages of 200 images are multiples of 0.5.
+      assert (m["top1_pct"] * 2).is_integer()
+    fat = s["methods"]["fat"]
+    assert fat["train_images"] == 240 and fat["epochs"] == 1 and fat["train_seconds"] > 0
+    assert fat["init"] in s["methods"]
+  w8 = on_disk["settings"][0]["methods"]["ptq_minmax"]["agreement_pct"]
+  w4 = on_disk["settings"][1]["methods"]["ptq_minmax"]["agreement_pct"]
+  assert w8 >= w4  # 8-bit weights disagree with float no more than 4-bit ones
+
+
+def test_outputs_written(smoke_run):
+  workdir, _ = smoke_run
+  files = os.listdir(workdir)
+  for name in ("report.md", "config.json", "thresholds.png", "weight_ranges.png", "loss.png"):
+    assert name in files, name
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  assert json.load(open(os.path.join(workdir, "config.json")))["fat"]["loss"] == "rmse"
+  variables, meta = checkpoints.load(os.path.join(workdir, "checkpoints", "w8a8_per_channel"))
+  assert meta["setting"] == "w8a8_per_channel"
+  assert set(variables) == {"params", "quant_stats", "thresholds"}
+  alphas = [v for k, v in _leaves(variables["thresholds"]) if k.endswith("alpha")]
+  assert alphas and all(np.all(np.isfinite(a)) for a in alphas)
+
+
+def _leaves(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def test_same_seed_same_numbers(float_ckpt, tmp_path):
+  cfg = lambda: smoke_config(float_ckpt, settings=[default.setting("w4a8", 4, 8, True)],
+                             ptq_methods=("minmax",), eval_examples=100)
+  a = train_and_evaluate(cfg(), str(tmp_path / "a"))
+  b = train_and_evaluate(cfg(), str(tmp_path / "b"))
+  strip = lambda r: [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
+                      for k, m in s["methods"].items()} for s in r["settings"]]
+  assert strip(a) == strip(b)
+  assert a["fp32"] == b["fp32"]
+
+
+def run_main(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.dataset=mnist", "config.dataset 'mnist' is unknown"),
+    ("--config.calibration_images=0", "config.calibration_images must be a positive integer"),
+    ("--config.fat.loss=l2", "config.fat.loss must be one of"),
+    ("--config.fat.train_fraction=1.5", "config.fat.train_fraction must be in (0, 1]"),
+    ("--config.model_checkpoint=/nonexistent/ckpt", "no checkpoint at '/nonexistent/ckpt'"),
+])
+def test_bad_config_exits_with_message(tmp_path, override, message):
+  workdir = tmp_path / "w"
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}", override)
+  assert r.returncode != 0
+  assert message in r.stderr, r.stderr[-2000:]
+  assert not (workdir / "report.json").exists()
+
+
+def test_corrupt_checkpoint_and_unwritable_workdir(float_ckpt, tmp_path):
+  bad = tmp_path / "bad_ckpt"
+  bad.mkdir()
+  (bad / "meta.json").write_text("{not json")
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path / 'w1'}",
+               f"--config.model_checkpoint={bad}")
+  assert r.returncode != 0 and "corrupt meta.json" in r.stderr, r.stderr[-2000:]
+  (bad / "meta.json").write_text(json.dumps({"model": "mobilenet_v2"}))
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path / 'w2'}",
+               f"--config.model_checkpoint={bad}")
+  assert r.returncode != 0 and "cannot be read" in r.stderr, r.stderr[-2000:]
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={blocker / 'sub'}",
+               f"--config.model_checkpoint={float_ckpt}")
+  assert r.returncode != 0 and "cannot be written" in r.stderr, r.stderr[-2000:]
+
+
+def test_unknown_model_in_float_job(tmp_path):
+  r = run_main("--config=configs/fashion_mnist/mobilenet_v2_fp.py:smoke",
+               f"--workdir={tmp_path}", "--config.model=resnet")
+  assert r.returncode != 0 and "unknown model 'resnet'" in r.stderr, r.stderr[-2000:]
