@@ -164,7 +164,6 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config)
-  config_checks.ensure_writable(workdir)
   float_vars, meta = checkpoints.load(config.model_checkpoint)
   model = models.create(meta["model"], **meta["model_kwargs"])
   train = data.load(config.dataset, "train", config.data_dir or None)
@@ -175,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   calib = unlabeled.take(np.arange(min(config.calibration_images, len(unlabeled))))
   if len(calib) == 0:
     raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
+  config_checks.ensure_writable(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   folded = fold.fold_variables(float_vars, model.bn_eps)
   fmodel = calibrate.quantized(model, (), stage="folded")
