@@ -41,6 +41,20 @@ def _guarded(tx, old_state, old_opt, new_state, new_opt, loss):
   return keep(new_state, old_state), keep(new_opt, fresh_opt), ok
 
 
+def _make_guarded_step(loss_fn, tx: optax.GradientTransformation):
+  """``step(trainable, opt_state, frozen, x, target)``: one guarded optimizer update."""
+
+  @jax.jit
+  def step(trainable, opt_state, frozen, x, target):
+    value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, target)
+    updates, new_opt = tx.update(grads, opt_state, trainable)
+    new = optax.apply_updates(trainable, updates)
+    trainable, opt_state, ok = _guarded(tx, trainable, opt_state, new, new_opt, value)
+    return trainable, opt_state, {"loss": value, "finite": ok}
+
+  return step
+
+
 def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str = "rmse"):
   """``step(thresholds, opt_state, frozen, x, teacher_logits) -> (thresholds, opt_state, metrics)``.
 
@@ -54,15 +68,7 @@ def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str
     q = qmodel.apply({**frozen, TRAINABLE_COLLECTION: thresholds}, x)
     return distillation_loss(q, teacher, loss)
 
-  @jax.jit
-  def step(thresholds, opt_state, frozen, x, teacher):
-    value, grads = jax.value_and_grad(loss_fn)(thresholds, frozen, x, teacher)
-    updates, new_opt = tx.update(grads, opt_state, thresholds)
-    new = optax.apply_updates(thresholds, updates)
-    thresholds, opt_state, ok = _guarded(tx, thresholds, opt_state, new, new_opt, value)
-    return thresholds, opt_state, {"loss": value, "finite": ok}
-
-  return step
+  return _make_guarded_step(loss_fn, tx)
 
 
 def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
@@ -73,12 +79,4 @@ def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
     logits = qmodel.apply({**frozen, **trainable}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def step(trainable, opt_state, frozen, x, y):
-    value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, y)
-    updates, new_opt = tx.update(grads, opt_state, trainable)
-    new = optax.apply_updates(trainable, updates)
-    trainable, opt_state, ok = _guarded(tx, trainable, opt_state, new, new_opt, value)
-    return trainable, opt_state, {"loss": value, "finite": ok}
-
-  return step
+  return _make_guarded_step(loss_fn, tx)
