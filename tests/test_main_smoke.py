@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from configs.fashion_mnist import mobilenet_v2_fp
+from configs.fashion_mnist import mobilenet_v2_fp, mobilenet_v2_qat
 from experiments.train import train_and_evaluate
 from experiments.train_float import train_float
 from fat import checkpoints
@@ -98,6 +98,17 @@ def test_same_seed_same_numbers(float_ckpt, tmp_path):
                       for k, m in s["methods"].items()} for s in r["settings"]]
   assert strip(a) == strip(b)
   assert a["fp32"] == b["fp32"]
+
+
+def test_qat_baseline_runs(float_ckpt, tmp_path):
+  config = mobilenet_v2_qat.get_config("smoke")
+  config.model_checkpoint = float_ckpt
+  config.ptq_methods = ("minmax",)
+  config.eval_examples = 100
+  report = train_and_evaluate(config, str(tmp_path))
+  qat = report["settings"][0]["methods"]["qat"]
+  assert qat["train_images"] == 240 and qat["epochs"] == 1 and qat["steps"] == 7
+  assert 0.0 <= qat["top1_pct"] <= 100.0 and 0.0 <= qat["agreement_pct"] <= 100.0
 
 
 def run_main(*args, cwd=REPO):

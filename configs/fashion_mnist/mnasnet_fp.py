@@ -15,4 +15,5 @@ def get_config(arg: str = ""):
   c.output = "checkpoints/fashion_mnist/mnasnet"
   if arg == "smoke":
     c.width = 0.5
+    c.output = "runs/smoke/mnasnet_fp"
   return c

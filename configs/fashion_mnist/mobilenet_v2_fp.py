@@ -34,4 +34,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train_examples = 256
     c.batch_size = 64
     c.width = 0.35
+    c.output = "runs/smoke/mobilenet_v2_fp"
   return c

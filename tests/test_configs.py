@@ -1,0 +1,44 @@
+"""Every config loads, passes validation and names a known model."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from experiments import config_checks
+from fat import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, REPO)[:-3].replace("/", ".")
+                 for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+                 if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", ["", "smoke"])
+def test_config_is_valid(name, arg):
+  module = importlib.import_module(name)
+  assert "python -m experiments.main --config=" in module.__doc__
+  config = module.get_config(arg)
+  if config.job == "fat":
+    config_checks.validate(config)
+  else:
+    assert config.model in models.MODELS
+    assert config.output.startswith("runs/smoke/" if arg else "checkpoints/")
+
+
+def test_validation_rejects_unsigned_weights():
+  from configs import default
+  c = default.get_config()
+  c.settings[0].weight_kind = "unsigned"
+  with pytest.raises(ValueError, match="weight_kind cannot be 'unsigned'"):
+    config_checks.validate(c)
+
+
+def test_validation_rejects_duplicate_setting_names():
+  from configs import default
+  c = default.get_config()
+  c.settings[1].name = c.settings[0].name
+  with pytest.raises(ValueError, match="names must be unique"):
+    config_checks.validate(c)
