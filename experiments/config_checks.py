@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -36,8 +37,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(f"fat.{name}", fat[name])
   if not 0.0 < fat.train_fraction <= 1.0:
     raise ValueError(f"config.fat.train_fraction must be in (0, 1], got {fat.train_fraction}.")
-  if not fat.learning_rate > 0:
-    raise ValueError(f"config.fat.learning_rate must be positive, got {fat.learning_rate}.")
+  for name, lr in (("fat.learning_rate", fat.learning_rate),
+                   ("qat.learning_rate", config.qat.learning_rate)):
+    if not (lr > 0 and math.isfinite(lr)):
+      raise ValueError(f"config.{name} must be positive and finite, got {lr}.")
   if fat.loss not in methods.LOSSES:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
   if config.qat.enabled:

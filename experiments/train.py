@@ -60,6 +60,15 @@ def logits_of(fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
                          for i in range(0, len(images), batch_size)])
 
 
+def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: str) -> int:
+  """The NaN guard reverts single bad steps; an epoch of only bad steps is an error."""
+  if skipped == steps:
+    raise FloatingPointError(
+        f"{what}: every step of epoch {epoch + 1} gave a non-finite loss or variables, so "
+        f"nothing was trained; lower {knob} or check the float checkpoint.")
+  return skipped
+
+
 def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, cfg, seed,
                      writer, tag, log_every):
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only."""
@@ -71,25 +80,27 @@ def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, 
   n = len(unlabeled)
   steps_per_epoch = max(1, n // cfg.batch_size)
   rng = np.random.default_rng(seed)
-  losses, nan_steps, t0 = [], 0, time.time()
+  losses, nonfinite, t0 = [], 0, time.time()
   bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"FAT {tag}", leave=False)
   for epoch in range(cfg.epochs):
     order = rng.permutation(n)
+    skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
     for b in range(steps_per_epoch):
       idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
       x = data.normalize(unlabeled.images[idx])
       thresholds, opt_state, m = step(thresholds, opt_state, frozen, x, teacher[idx])
+      skipped = skipped + (~m["finite"]).astype(jnp.int32)
       i = epoch * steps_per_epoch + b + 1
       if i % log_every == 0 or i == steps_per_epoch * cfg.epochs:
-        loss, ok = float(m["loss"]), bool(m["finite"])
-        nan_steps += not ok
-        losses.append((i, loss))
-        writer.write_scalars(i, {f"{tag}/fat_loss": loss})
+        losses.append((i, float(m["loss"])))
+        writer.write_scalars(i, {f"{tag}/fat_loss": losses[-1][1]})
       bar.update()
+    nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}", epoch,
+                                    "config.fat.learning_rate")
   bar.close()
   jax.block_until_ready(thresholds)
   stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
-           "steps": steps_per_epoch * cfg.epochs, "nonfinite_logged_steps": nan_steps}
+           "steps": steps_per_epoch * cfg.epochs, "nonfinite_steps": nonfinite}
   return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
 
 
@@ -103,14 +114,18 @@ def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_ever
   t0, losses = time.time(), []
   total = data.num_batches(len(train), cfg.batch_size, True) * cfg.epochs
   stream = data.batches(train, cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
+  skipped = jnp.zeros((), jnp.int32)
   for i, (x, y) in enumerate(tqdm(stream, total=total, desc=f"QAT {tag}", leave=False), 1):
     trainable, opt_state, m = step(trainable, opt_state, frozen, x, y)
+    skipped = skipped + (~m["finite"]).astype(jnp.int32)
     if i % log_every == 0:
       losses.append((i, float(m["loss"])))
       writer.write_scalars(i, {f"{tag}/qat_loss": losses[-1][1]})
+  nonfinite = check_finite_epoch(int(skipped), total, f"QAT {tag}", cfg.epochs - 1,
+                                 "config.qat.learning_rate")
   jax.block_until_ready(trainable)
   stats = {"train_seconds": time.time() - t0, "train_images": len(train), "epochs": cfg.epochs,
-           "steps": total}
+           "steps": total, "nonfinite_steps": nonfinite}
   return {**qvars, **trainable}, losses, stats
 
 

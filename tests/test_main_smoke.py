@@ -154,3 +154,26 @@ def test_unknown_model_in_float_job(tmp_path):
   r = run_main("--config=configs/fashion_mnist/mobilenet_v2_fp.py:smoke",
                f"--workdir={tmp_path}", "--config.model=resnet")
   assert r.returncode != 0 and "unknown model 'resnet'" in r.stderr, r.stderr[-2000:]
+
+
+def test_all_nan_epoch_is_an_error(float_ckpt):
+  """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
+  from clu import metric_writers
+  from experiments.train import setting_rules, train_thresholds
+  from fat import calibrate, data, fold, models
+  variables, meta = checkpoints.load(float_ckpt)
+  model = models.create(meta["model"], **meta["model_kwargs"])
+  folded = fold.fold_variables(variables, model.bn_eps)
+  config = default.get_config("smoke")
+  qmodel = calibrate.quantized(model, setting_rules(config.settings[0], config.fat))
+  images = data.load_fashion_mnist("test").take(np.arange(64))
+  x = data.normalize(images.images)
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
+  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+  teacher = np.full((64, 10), np.nan, np.float32)
+  writer = metric_writers.create_default_writer(None, just_logging=True)
+  with pytest.raises(FloatingPointError, match="every step of epoch 1 gave a non-finite"):
+    train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
+  teacher[:] = 0.0
+  _, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
+  assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
