@@ -151,6 +151,10 @@ def init_params(x: jax.Array, spec: QuantSpec) -> QuantParams:
   return params_from_range(*observed_range(x, spec), spec)
 
 
+def _as_float32(qp) -> QuantParams:
+  return QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp))
+
+
 def _grid(qp: QuantParams, ndim: int, spec: QuantSpec):
   """Scale s, zero point z and the quantities their gradients need."""
   lo, hi = spec.alpha_range
@@ -232,7 +236,7 @@ def fake_quant(x: jax.Array, qp: QuantParams, spec: QuantSpec) -> jax.Array:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
-  qp = QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp))
+  qp = _as_float32(qp)
   if spec.per_channel:
     n = x.shape[spec.axis % x.ndim] if x.ndim else None
     for name, p in zip(QuantParams._fields, qp):
@@ -269,6 +273,6 @@ def quantize_int(x: jax.Array, qp: QuantParams, spec: QuantSpec):
   ``zero_point = -z``. Used by export and the integer reference.
   """
   xf = jnp.asarray(x, jnp.float32)
-  s, z, *_ = _grid(QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp)), xf.ndim, spec)
+  s, z, *_ = _grid(_as_float32(qp), xf.ndim, spec)
   q = jnp.clip(jnp.round(xf * s) - z, spec.qmin, spec.qmax)
   return q, s, z
