@@ -85,6 +85,8 @@ def _case_fn(stride, padding, cot):
     outs = {}
     for name, f in (
         ("shift", lambda a, b: depthwise_conv(a, b, stride, padding, "shift")),
+        ("shift_autodiff",
+         lambda a, b: depthwise_conv(a, b, stride, padding, "shift_autodiff")),
         ("conv", lambda a, b: depthwise_conv(a, b, stride, padding, "conv")),
         ("lax", lambda a, b: lax_depthwise(a, b, stride, padding)),
     ):
@@ -111,7 +113,7 @@ def test_shift_and_conv_agree(k, stride, padding, size):
   outs = _case_fn(stride, padding, cot)(x, kernel)
   want = np_depthwise(x, kernel, stride, padding)
   assert want.shape == (2, ho, wo, C)
-  for name in ("shift", "conv", "lax"):
+  for name in ("shift", "shift_autodiff", "conv", "lax"):
     y = np.asarray(outs[name][0], np.float64)
     assert y.shape == want.shape, name
     np.testing.assert_allclose(y, want, atol=1e-5, rtol=0, err_msg=name)
@@ -125,8 +127,32 @@ def test_shift_and_conv_agree(k, stride, padding, size):
   _, gxr, gkr = (np.asarray(a) for a in outs["lax"])
   np.testing.assert_allclose(gxs, gxr, atol=1e-4, rtol=0)
   np.testing.assert_allclose(gks, gkr, atol=1e-4, rtol=0)
+  # The hand-written VJP of "shift" equals autodiff of the same taps.
+  _, gxa, gka = (np.asarray(a) for a in outs["shift_autodiff"])
+  np.testing.assert_allclose(gxs, gxa, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(gks, gka, atol=1e-4, rtol=0)
   # The gradients are not trivially zero.
   assert np.abs(gxr).max() > 0.1 and np.abs(gkr).max() > 0.1
+
+
+@pytest.mark.parametrize("batch", [1, 7, 9, 24])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_custom_vjp_batch_chunking(batch, stride):
+  """The weight gradient is reduced over batch chunks (1, 7, 3 and 8 images here)."""
+  rng = np.random.default_rng(batch + stride)
+  x = rng.normal(size=(batch, 7, 6, 4)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 1, 4)).astype(np.float32)
+  ho, wo = ref_out_size(7, 3, stride, "same"), ref_out_size(6, 3, stride, "same")
+  cot = rng.normal(size=(batch, ho, wo, 4)).astype(np.float32)
+
+  def grads(impl):
+    f = lambda a, b: jnp.sum(depthwise_conv(a, b, stride, "same", impl) * cot)
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(x, kernel)
+
+  (gx, gk), (gxr, gkr) = grads("shift"), grads("conv")
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gxr), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(gk), np.asarray(gkr), atol=1e-3, rtol=1e-5)
+  assert np.abs(np.asarray(gk)).max() > 0.1
 
 
 def test_kernel_gradient_matches_numpy():
