@@ -129,8 +129,12 @@ def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_ever
   return {**qvars, **trainable}, losses, stats
 
 
-def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, workdir):
-  """PTQ baselines, FAT and optionally QAT for one setting; returns its report entry."""
+def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, workdir,
+                model_meta):
+  """PTQ baselines, FAT and optionally QAT for one setting; returns its report entry.
+
+  ``model_meta`` ({"model", "model_kwargs"}) goes into the setting's checkpoint,
+  so that export can rebuild the quantized model from it alone."""
   unlabeled, calib, train = splits
   qmodel = calibrate.quantized(model, setting_rules(s, config.fat))
   apply_q = jax.jit(qmodel.apply)
@@ -173,7 +177,10 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
     curves["qat"] = qlosses
   checkpoints.save(os.path.join(workdir, "checkpoints", s.name), fat_vars,
                    {"setting": entry["name"], "config": s.to_dict(),
-                    "fat": config.fat.to_dict()})
+                    "fat": config.fat.to_dict(), **model_meta,
+                    "dataset": config.dataset, "data_dir": config.data_dir,
+                    "fake_quant_top1_pct": entry["methods"]["fat"]["top1_pct"],
+                    "eval_examples": len(evaluator.test)})
   return entry, fat_vars, curves
 
 
@@ -203,7 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   qat_train = data.subset(train, config.qat.train_fraction, config.seed)
   for s in config.settings:
     entry, fat_vars, c = run_setting(s, config, model, folded, (unlabeled, calib, qat_train),
-                                     teacher, evaluator, writer, workdir)
+                                     teacher, evaluator, writer, workdir,
+                                     {"model": meta["model"],
+                                      "model_kwargs": meta["model_kwargs"]})
     out["settings"].append(entry)
     thresholds[s.name] = fat_vars[TRAINABLE_COLLECTION]
     curves.update({f"{s.name} {k}": [l for _, l in v] for k, v in c.items()})

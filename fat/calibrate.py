@@ -22,7 +22,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from fat.layers import ACT_COLLECTION, CALIB_COLLECTION, TRAINABLE_COLLECTION, QuantMode
+from fat.layers import (ACT_COLLECTION, CALIB_COLLECTION, GRID_COLLECTION, TRAINABLE_COLLECTION,
+                        QuantMode)
 
 METHODS = ("minmax", "percentile")
 
@@ -35,6 +36,9 @@ def quantized(model: nn.Module, rules, stage: str = "quant") -> nn.Module:
 def init_quant_variables(qmodel: nn.Module, folded_params, sample) -> dict:
   """Variables of ``qmodel``: the folded params, zero ranges, alpha=1, beta=0."""
   variables = jax.jit(qmodel.init)(jax.random.PRNGKey(0), jnp.asarray(sample[:1]))
+  # Sown records are outputs of one apply, not variables.
+  variables = {k: v for k, v in variables.items()
+               if k not in (GRID_COLLECTION, "intermediates", CALIB_COLLECTION)}
   expected = jax.tree.map(jnp.shape, variables["params"])
   got = jax.tree.map(jnp.shape, folded_params)
   if expected != got:

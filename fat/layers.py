@@ -20,6 +20,14 @@ Variable collections in the folded/quantized net:
   and the frozen ``alpha``/``beta`` of untrained quantizers (the input);
 * ``thresholds``:  the trainable ``alpha`` and ``beta``: FAT trains only these.
 
+Quantizers return their grid step ``1/s`` next to their output, and convs
+take their input's step: in "quant" mode a conv's bias is rounded to the int32
+grid of step ``x_step * w_step``, as an int8 runtime stores it. When
+``quant_grid`` is made mutable, every quantizer in "quant" mode sows its
+integer grid (``step``, ``z``, ``qmin``, ``qmax``; weights also their integer
+values ``q``), with ``fake_quant(x) == (q + z) * step``: ``fat.graph`` reads
+it for export and the integer reference.
+
 Weight thresholds are the per-tensor or per-channel range of the folded kernel,
 read under ``stop_gradient`` (a constant, as METHOD.md section 1 says).
 """
@@ -40,6 +48,7 @@ CALIBRATIONS = ("minmax", "percentile", "mse")
 ACT_COLLECTION = "quant_stats"
 TRAINABLE_COLLECTION = "thresholds"
 CALIB_COLLECTION = "calibration"
+GRID_COLLECTION = "quant_grid"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,17 +119,20 @@ class ActQuant(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """Returns ``(y, step)``: the (fake-quantized) tensor and its grid step
+    ``1/s`` in "quant" mode (None otherwise), which the next layer's bias
+    quantization needs."""
     if self.mode.stage in ("float", "folded"):
-      return x
+      return x, None
     spec = rules.resolve(self.mode.rules, layer_path(self), "act")
     if spec is None:
-      return x
+      return x, None
     spec = act_spec(dataclasses.replace(spec, per_channel=False), self.signed)
     sweep = self.mode.stage == "calibrate" and self.mode.calibration == "mse"
     if self.mode.stage == "calibrate" and not sweep:
       if not self.is_initializing():
         self.sow(CALIB_COLLECTION, "observed", calibration_stat(x, self.mode))
-      return x
+      return x, None
     x_min = self.variable(ACT_COLLECTION, "x_min", jnp.zeros, (), jnp.float32)
     x_max = self.variable(ACT_COLLECTION, "x_max", jnp.zeros, (), jnp.float32)
     col = TRAINABLE_COLLECTION if self.trainable else ACT_COLLECTION
@@ -130,18 +142,35 @@ class ActQuant(nn.Module):
     if sweep:  # the (fixed-range) input keeps its alpha
       if self.trainable and not self.is_initializing():
         self.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(x, qp, spec))
-      return x
-    return quant.fake_quant(x, qp, spec)
+      return x, None
+    y = quant.fake_quant(x, qp, spec)
+    if self.is_mutable_collection(GRID_COLLECTION) and not self.is_initializing():
+      sow_grid(self, x, qp, spec)
+    return y, quant.grid_step(qp, spec)
+
+
+def sow_grid(module: nn.Module, x, qp: quant.QuantParams, spec: quant.QuantSpec,
+             with_values: bool = False):
+  """Records the integer grid of one quantizer in ``quant_grid``."""
+  q, s, z = quant.quantize_int(x, qp, spec)
+  grid = {"step": quant.grid_step(qp, spec), "z": jnp.reshape(z, jnp.shape(qp.alpha)),
+          "qmin": jnp.asarray(spec.qmin), "qmax": jnp.asarray(spec.qmax)}
+  if with_values:
+    grid["q"] = q
+  for name, value in grid.items():
+    module.sow(GRID_COLLECTION, name, value)
 
 
 def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
-  """Fake-quantizes ``kernel`` (output channel last) in "quant" mode."""
+  """``(kernel_q, step)``: ``kernel`` (output channel last) fake-quantized in
+  "quant" mode, and its grid step per output channel (or per tensor); the step
+  is None when the kernel is not quantized."""
   sweep = mode.stage == "calibrate" and mode.calibration == "mse"
   if mode.stage != "quant" and not sweep:
-    return kernel
+    return kernel, None
   spec = rules.resolve(mode.rules, layer_path(module), "weight")
   if spec is None:
-    return kernel
+    return kernel, None
   spec = dataclasses.replace(spec, axis=-1)
   shape = (kernel.shape[-1],) if spec.per_channel else ()
   alpha = module.variable(TRAINABLE_COLLECTION, "alpha", jnp.ones, shape, jnp.float32)
@@ -151,11 +180,22 @@ def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
   if sweep:
     if not module.is_initializing():
       module.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(kernel, qp, spec))
-    return kernel
+    return kernel, None
   kernel_q = quant.fake_quant(kernel, qp, spec)
   # Recorded only when the caller makes "intermediates" mutable (tests, export).
   module.sow("intermediates", "kernel_q", kernel_q)
-  return kernel_q
+  if module.is_mutable_collection(GRID_COLLECTION) and not module.is_initializing():
+    sow_grid(module, kernel, qp, spec, with_values=True)
+  return kernel_q, quant.grid_step(qp, spec)
+
+
+def biased(module: nn.Module, y, features: int, x_step, w_step):
+  """``y + bias``; in "quant" mode the bias sits on the int32 grid of step
+  ``x_step * w_step``, as an int8 runtime stores it (METHOD.md section 2)."""
+  bias = module.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+  if x_step is not None and w_step is not None:
+    bias = quant.fake_quant_bias(bias, x_step * w_step)
+  return y + bias
 
 
 class Conv(nn.Module):
@@ -176,7 +216,8 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, x_step=None):
+    """``x_step``: the grid step of ``x`` in "quant" mode, for the int32 bias."""
     k = self.kernel_size
     cin = x.shape[-1]
     if self.depthwise and self.features != cin:
@@ -184,7 +225,8 @@ class Conv(nn.Module):
                        f"{self.features} and {cin}.")
     shape = (k, k, 1 if self.depthwise else cin, self.features)
     kernel = self.param("kernel", nn.initializers.he_normal(), shape, jnp.float32)
-    kernel = quantize_weight(self, kernel, self.mode).astype(self.dtype)
+    kernel, w_step = quantize_weight(self, kernel, self.mode)
+    kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if self.depthwise:
       y = depthwise.depthwise_conv(x, kernel, self.strides, self.padding, self.dw_impl)
@@ -197,7 +239,7 @@ class Conv(nn.Module):
           x, kernel, (self.strides, self.strides), pads,
           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = biased(self, y, self.features, x_step, w_step)
     return y
 
 
@@ -208,9 +250,8 @@ class Dense(nn.Module):
   mode: QuantMode = QuantMode()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, x_step=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (x.shape[-1], self.features), jnp.float32)
-    kernel = quantize_weight(self, kernel, self.mode)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return x @ kernel + bias
+    kernel, w_step = quantize_weight(self, kernel, self.mode)
+    return biased(self, x @ kernel, self.features, x_step, w_step)

@@ -265,6 +265,33 @@ def alpha_sweep(x: jax.Array, qp: QuantParams, spec: QuantSpec, num: int = 21):
   return grid, jax.lax.map(error, grid)
 
 
+def grid_step(qp: QuantParams, spec: QuantSpec) -> jax.Array:
+  """The grid step ``1/s`` (shape of ``qp.alpha``): ``fake_quant(x) = (q + z) * step``
+  up to float rounding."""
+  qp = _as_float32(qp)
+  s = _grid(qp, np.ndim(qp.alpha), dataclasses.replace(spec, per_channel=False))[0]
+  return 1.0 / s
+
+
+@jax.custom_vjp
+def _round_ste(x):
+  return jnp.round(x)
+
+
+_round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def fake_quant_bias(bias: jax.Array, step: jax.Array) -> jax.Array:
+  """``bias`` rounded to the int32 grid of ``step`` (input step times weight step).
+
+  The rounding has a straight-through gradient for ``bias``; ``step`` gets
+  none through it (the bias error is below half an accumulator unit).
+  """
+  step = jax.lax.stop_gradient(jnp.asarray(step, jnp.float32))
+  b = jnp.asarray(bias, jnp.float32)
+  return _round_ste(b / step) * step
+
+
 def quantize_int(x: jax.Array, qp: QuantParams, spec: QuantSpec):
   """Integer grid indices and the (scale, zero point) mapping them back.
 

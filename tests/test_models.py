@@ -83,11 +83,17 @@ def captured(intermediates):
   outs, kernels = {}, {}
   for path, value in flat(intermediates).items():
     parts = path.split("/")
-    assert parts[-1] == "0", path  # each entry is a 1-tuple
+    if "__call__" in parts:
+      # Each entry is a 1-tuple; blocks and quantizers return (x, step).
+      i = parts.index("__call__")
+      mod, rest = "/".join(parts[:i]), parts[i + 1:]
+      assert rest in (["0"], ["0", "0"], ["0", "1"]), path
+      if rest != ["0", "1"]:
+        outs[mod] = np.asarray(value, np.float64)
+      continue
+    assert parts[-1] == "0", path
     mod = "/".join(parts[:-2])
-    if parts[-2] == "__call__":
-      outs[mod] = np.asarray(value, np.float64)
-    elif parts[-2] == "kernel_q":
+    if parts[-2] == "kernel_q":
       kernels[mod] = np.asarray(value, np.float64)
     else:
       raise AssertionError(f"unexpected intermediate {path}")
@@ -158,7 +164,7 @@ def test_output_shapes(name, size, small, spatial):
                                        capture_intermediates=only_head), x)
   assert y.shape == (2, 1000)
   assert y.dtype == jnp.float32
-  head = v["intermediates"]["head"]["__call__"][0]
+  head, _ = v["intermediates"]["head"]["__call__"][0]  # blocks return (x, step)
   assert head.shape == (2, spatial, spatial, 1280)
 
 

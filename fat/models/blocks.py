@@ -4,6 +4,10 @@ Each block runs in any ``QuantMode`` stage (see ``fat.layers``): in "float" it
 is conv -> BatchNorm -> activation; once folded, the BN lives in the conv's
 bias and the block's output quantizer (``act_q``) fake-quantizes what an int8
 kernel would read next.
+
+Blocks take and return ``(x, step)``: the tensor and its quantization grid
+step (None outside "quant" mode), so that each conv can put its bias on the
+int32 grid of ``input step * weight step``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ class ConvBNAct(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, x_step=None):
     y = Conv(self.features, self.kernel_size, self.strides, self.depthwise,
              use_bias=self.mode.folded, padding=self.padding, dw_impl=self.dw_impl,
-             mode=self.mode, dtype=self.dtype, name="conv")(x)
+             mode=self.mode, dtype=self.dtype, name="conv")(x, x_step)
     if not self.mode.folded:
       y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_eps, dtype=self.dtype, name="bn")(y)
@@ -73,27 +77,29 @@ class InvertedResidual(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, x_step=None):
     cin = x.shape[-1]
     common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                   dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
-    y = x
+    y, step = x, x_step
     if self.expansion != 1:
-      y = ConvBNAct(cin * self.expansion, act=self.act, name="expand", **common)(y, train)
-    y = ConvBNAct(y.shape[-1], self.kernel_size, self.strides, depthwise=True,
-                  act=self.act, name="dw", **common)(y, train)
-    y = ConvBNAct(self.features, act=None, name="project", **common)(y, train)
+      y, step = ConvBNAct(cin * self.expansion, act=self.act, name="expand",
+                          **common)(y, train, step)
+    y, step = ConvBNAct(y.shape[-1], self.kernel_size, self.strides, depthwise=True,
+                        act=self.act, name="dw", **common)(y, train, step)
+    y, step = ConvBNAct(self.features, act=None, name="project", **common)(y, train, step)
     if self.residual and self.strides == 1 and cin == self.features:
-      y = ActQuant(self.mode, signed=True, name="add_q")(x + y)
-    return y
+      y, step = ActQuant(self.mode, signed=True, name="add_q")(x + y)
+    return y, step
 
 
 def classifier_head(x, num_classes: int, mode: QuantMode):
   """Global average pool -> ``pool_q`` -> dense ``classifier`` -> ``logits_q``.
 
   Call from inside a compact ``__call__``: the submodules bind to that module.
+  Returns the logits.
   """
   x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-  x = ActQuant(mode, signed=False, name="pool_q")(x)
-  x = Dense(num_classes, mode=mode, name="classifier")(x)
-  return ActQuant(mode, signed=True, name="logits_q")(x)
+  x, step = ActQuant(mode, signed=False, name="pool_q")(x)
+  x = Dense(num_classes, mode=mode, name="classifier")(x, step)
+  return ActQuant(mode, signed=True, name="logits_q")(x)[0]

@@ -47,16 +47,17 @@ class MNASNet(nn.Module):
     common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                   dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
     ch = lambda c: round_to_multiple_of(c * self.width)
-    x = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
-    x = ConvBNAct(ch(32), 3, 1 if self.small_input else 2, act="relu", name="stem",
-                  **common)(x, train)
-    x = ConvBNAct(ch(32), 3, 1, depthwise=True, act="relu", name="sep_dw", **common)(x, train)
-    x = ConvBNAct(ch(16), act=None, name="sep_project", **common)(x, train)
+    x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+    x, step = ConvBNAct(ch(32), 3, 1 if self.small_input else 2, act="relu", name="stem",
+                        **common)(x, train, step)
+    x, step = ConvBNAct(ch(32), 3, 1, depthwise=True, act="relu", name="sep_dw",
+                        **common)(x, train, step)
+    x, step = ConvBNAct(ch(16), act=None, name="sep_project", **common)(x, train, step)
     i = 0
     for e, k, c, n, s in STAGES:
       for r in range(n):
-        x = InvertedResidual(ch(c), e, k, s if r == 0 else 1, act="relu",
-                             name=f"block_{i}", **common)(x, train)
+        x, step = InvertedResidual(ch(c), e, k, s if r == 0 else 1, act="relu",
+                                   name=f"block_{i}", **common)(x, train, step)
         i += 1
-    x = ConvBNAct(1280, act="relu", name="head", **common)(x, train)
+    x, _ = ConvBNAct(1280, act="relu", name="head", **common)(x, train, step)
     return classifier_head(x, self.num_classes, self.mode)

@@ -60,16 +60,16 @@ class MobileNetV2(nn.Module):
       raise ValueError(f"MobileNetV2 width must be in {WIDTH_RANGE}, got {self.width}.")
     common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                   dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
-    x = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
-    x = ConvBNAct(make_divisible(32 * self.width), 3, 1 if self.small_input else 2,
-                  name="stem", **common)(x, train)
+    x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+    x, step = ConvBNAct(make_divisible(32 * self.width), 3, 1 if self.small_input else 2,
+                        name="stem", **common)(x, train, step)
     i = 0
     for t, c, n, s in STAGES:
       features = make_divisible(int(c * self.width))
       for r in range(n):
-        x = InvertedResidual(features, t, 3, s if r == 0 else 1, act="relu6",
-                             name=f"block_{i}", **common)(x, train)
+        x, step = InvertedResidual(features, t, 3, s if r == 0 else 1, act="relu6",
+                                   name=f"block_{i}", **common)(x, train, step)
         i += 1
     head = make_divisible(1280 * self.width) if self.width > 1.0 else 1280
-    x = ConvBNAct(head, name="head", **common)(x, train)
+    x, _ = ConvBNAct(head, name="head", **common)(x, train, step)
     return classifier_head(x, self.num_classes, self.mode)

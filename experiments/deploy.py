@@ -1,0 +1,136 @@
+"""Deployment stages after the main job: ONNX export and its verification.
+
+    export(workdir, setting)  ->  workdir/export/<setting>/{model_int8,model_fp32}.onnx
+    verify(workdir)           ->  workdir/onnx_report.json
+
+Both read the main job's per-setting checkpoint (``workdir/checkpoints/<setting>``),
+whose metadata names the model, the setting and the eval data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import onnx
+
+from fat import (calibrate, checkpoints, data, evaluate, export_onnx, graph, integer, models,
+                 runtime)
+from fat.graph import ExportError
+from experiments.train import setting_rules
+import ml_collections
+
+EXPORT_DIR = "export"
+INT8, FP32 = "model_int8.onnx", "model_fp32.onnx"
+
+
+def setting_names(workdir: str) -> list[str]:
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    raise checkpoints.CheckpointError(
+        f"no main-job checkpoints under {root!r}; run the main job with --workdir={workdir} "
+        "first.")
+  return sorted(d for d in os.listdir(root) if not d.endswith(".tmp"))
+
+
+def load_setting(workdir: str, setting: str):
+  """``(qmodel, qvars, meta)`` of one setting of a main-job workdir."""
+  path = os.path.join(workdir, "checkpoints", setting)
+  if not os.path.isdir(path):
+    raise checkpoints.CheckpointError(
+        f"no setting {setting!r} in {workdir!r}; it has {setting_names(workdir)}.")
+  qvars, meta = checkpoints.load(path)
+  if "model" not in meta:
+    raise checkpoints.CheckpointError(
+        f"checkpoint {path!r} predates export support (no model in its meta.json); "
+        "re-run the main job.")
+  model = models.create(meta["model"], **meta["model_kwargs"])
+  rules = setting_rules(ml_collections.ConfigDict(meta["config"]),
+                        ml_collections.ConfigDict(meta["fat"]))
+  return calibrate.quantized(model, rules), qvars, meta
+
+
+def eval_split(meta: dict) -> data.Split:
+  test = data.load(meta["dataset"], "test", meta.get("data_dir") or None)
+  return test.take(np.arange(min(meta["eval_examples"], len(test))))
+
+
+def export(workdir: str, setting: str | None = None) -> str:
+  """Writes the int8 QDQ and fp32 ONNX models of ``setting`` (default: the first);
+  returns their directory. Nothing is left behind on failure."""
+  setting = setting or setting_names(workdir)[0]
+  qmodel, qvars, meta = load_setting(workdir, setting)
+  sample = data.normalize(eval_split(meta).images[:2])
+  nodes = graph.trace(qmodel, qvars, sample)
+  shape = (None,) + sample.shape[1:]
+  int8, fp32 = export_onnx.to_qdq(nodes, shape), export_onnx.to_float(nodes, shape)
+  out = os.path.join(workdir, EXPORT_DIR, setting)
+  tmp = out + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  onnx.save(int8, os.path.join(tmp, INT8))
+  onnx.save(fp32, os.path.join(tmp, FP32))
+  with open(os.path.join(tmp, "export.json"), "w") as f:
+    json.dump({"setting": setting, "model": meta["model"], "model_kwargs": meta["model_kwargs"],
+               "opset": export_onnx.OPSET, "nodes": len(nodes),
+               "ops": {op: sum(n.op == op for n in nodes)
+                       for op in ("quantize", "conv", "add", "mean", "dense")}}, f, indent=2)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  return out
+
+
+def verify(workdir: str, integer_examples: int = 1000) -> dict:
+  """Runs every exported setting in ONNX Runtime against our models; writes
+  ``onnx_report.json``."""
+  root = os.path.join(workdir, EXPORT_DIR)
+  exported = sorted(d for d in os.listdir(root) if not d.endswith(".tmp")) \
+      if os.path.isdir(root) else []
+  if not exported:
+    raise ExportError(f"nothing exported under {root!r}; run "
+                      f"python -m experiments.export --workdir={workdir} first.")
+  report = {"settings": []}
+  for setting in exported:
+    report["settings"].append(_verify_setting(workdir, setting, integer_examples))
+  with open(os.path.join(workdir, "onnx_report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
+  qmodel, qvars, meta = load_setting(workdir, setting)
+  split = eval_split(meta)
+  images = data.normalize(split.images)
+  fmodel = calibrate.quantized(qmodel, (), stage="folded")
+  folded = {"params": qvars["params"]}
+  fake = evaluate.predict(evaluate.make_predict(qmodel.apply), qvars, split, 500, desc="fake quant")
+  flt = evaluate.predict(evaluate.make_predict(fmodel.apply), folded, split, 500, desc="fp32")
+  out_dir = os.path.join(workdir, EXPORT_DIR, setting)
+  int8_path, fp32_path = os.path.join(out_dir, INT8), os.path.join(out_dir, FP32)
+  ort_int8 = runtime.logits(runtime.session(int8_path), images).argmax(-1)
+  ort_fp32 = runtime.logits(runtime.session(fp32_path), images).argmax(-1)
+  nodes = graph.trace(qmodel, qvars, images[:2])
+  n_int = min(integer_examples, len(split))
+  ref = integer.logits(nodes, images[:n_int]).argmax(-1)
+  ops = runtime.executed_ops(int8_path)
+  labels = split.labels
+  return {
+      "setting": setting, "eval_examples": len(split),
+      "fake_quant": {"top1_pct": evaluate.top1_pct(fake, labels),
+                     "report_top1_pct": meta.get("fake_quant_top1_pct")},
+      "int8": {"top1_pct": evaluate.top1_pct(ort_int8, labels),
+               "agreement_pct": evaluate.agreement_pct(ort_int8, fake)},
+      "fp32": {"top1_pct": evaluate.top1_pct(ort_fp32, labels),
+               "agreement_pct": evaluate.agreement_pct(ort_fp32, flt),
+               "jax_top1_pct": evaluate.top1_pct(flt, labels)},
+      "integer_reference": {"examples": n_int,
+                            "agreement_pct": evaluate.agreement_pct(ref, fake[:n_int]),
+                            "ort_int8_agreement_pct": evaluate.agreement_pct(ref,
+                                                                             ort_int8[:n_int])},
+      "ort_ops": ops,
+      "int8_ops": {k: v for k, v in ops.items() if k in runtime.INT8_OPS},
+      "float_fallback_ops": {k: v for k, v in ops.items() if k in runtime.FLOAT_COMPUTE_OPS},
+  }

@@ -1,0 +1,39 @@
+"""Run the exported ONNX models in ONNX Runtime and compare them with our models.
+
+  python -m experiments.verify_onnx --workdir=runs/default
+
+Writes ``<workdir>/onnx_report.json``: int8 and fp32 ONNX top-1, their argmax
+agreement with the fake-quantized and float JAX models, the integer
+reference's agreement, and the ops ORT actually ran.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from fat.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Main-job workdir with export/<setting>/.")
+flags.DEFINE_integer("integer_examples", 1000,
+                     "Eval images also run through the numpy integer reference.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  from experiments import deploy
+  try:
+    report = deploy.verify(FLAGS.workdir, FLAGS.integer_examples)
+  except UserError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

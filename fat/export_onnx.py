@@ -1,0 +1,182 @@
+"""ONNX export of a traced graph (``fat.graph``): int8 QDQ and float32.
+
+    model = export_onnx.to_qdq(nodes, input_shape)    # onnx.ModelProto, int8 QDQ
+    model = export_onnx.to_float(nodes, input_shape)  # the same folded net in float32
+
+Both take NHWC float images (our data layout) named ``images`` and transpose
+to NCHW once. The QDQ model stores:
+
+* int8 (uint8 for asymmetric) weight initializers with per-channel or
+  per-tensor scales and zero points, behind ``DequantizeLinear``;
+* int32 biases at scale ``scale_in * scale_w`` behind ``DequantizeLinear``;
+* ``QuantizeLinear`` -> ``DequantizeLinear`` on every activation the
+  simulation quantizes, with our trained scales and zero points.
+
+ONNX Runtime fuses these patterns into integer kernels (QLinearConv,
+QLinearAdd, QLinearGlobalAveragePool, ...). Grids ONNX cannot hold exactly
+(not 8 bits; a zero point outside the storage type) raise ``ExportError``.
+Activations are stored as uint8 (signed grids shifted by a zero point of
+128). One known difference: there the saturation is at -128 steps, our
+symmetric grid's at -127, so a signed activation below its clipped range
+lands one step lower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fat.graph import ExportError, Grid, Node
+from fat.integer import bias_int32
+
+OPSET = 17
+IR_VERSION = 8  # the IR version of opset 17; read by every ONNX Runtime since 1.13
+_INT8, _UINT8 = (-128, 127), (0, 255)
+
+
+def storage(grid: Grid, what: str) -> tuple[int, type]:
+  """The ONNX element type and numpy dtype holding an 8-bit ``grid``, or ExportError.
+
+  Only 8-bit grids are exported: a narrower grid would fit the storage type,
+  but QuantizeLinear would clip activations to the 8-bit range, not to it.
+  """
+  zp = np.asarray(grid.zero_point)
+  for lo_hi, onnx_type, dtype in ((_INT8, TensorProto.INT8, np.int8),
+                                  (_UINT8, TensorProto.UINT8, np.uint8)):
+    lo, hi = lo_hi
+    eight_bit = grid.qmax - grid.qmin >= hi - lo - 1  # [-127, 127] or [0, 255]
+    if eight_bit and lo <= grid.qmin and grid.qmax <= hi and np.all((zp >= lo) & (zp <= hi)):
+      return onnx_type, dtype
+  raise ExportError(
+      f"{what}: the grid [{grid.qmin}, {grid.qmax}] with zero point(s) in "
+      f"[{zp.min()}, {zp.max()}] is not an int8 or uint8 grid; ONNX int8 export needs "
+      "8-bit quantizers (weight_bits=8 and act_bits=8) with zero points in range.")
+
+
+class _Builder:
+  def __init__(self):
+    self.nodes, self.inits = [], []
+
+  def init(self, name: str, array: np.ndarray) -> str:
+    self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+  def op(self, op_type: str, inputs, output: str, **attrs) -> str:
+    self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=output, **attrs))
+    return output
+
+  def qdq(self, x: str, grid: Grid, name: str) -> str:
+    """QuantizeLinear -> DequantizeLinear of activation ``x`` on ``grid``.
+
+    Activations are stored as uint8: a signed grid [-127, 127] with zero point
+    z is the same set of values as uint8 with zero point z + 128, and ONNX
+    Runtime fuses uint8-activation / int8-weight patterns into integer kernels
+    (mixed int8/uint8 activations fall back to float).
+    """
+    storage(grid, name)
+    zero_point = np.asarray(grid.zero_point) + (128 if grid.qmin < 0 else 0)
+    scale = self.init(f"{name}/scale", np.float32(grid.scale))
+    zp = self.init(f"{name}/zero_point", zero_point.astype(np.uint8))
+    q = self.op("QuantizeLinear", [x, scale, zp], f"{name}/q")
+    return self.op("DequantizeLinear", [q, scale, zp], f"{name}/dq")
+
+  def dequantized(self, name: str, q: np.ndarray, scale, zero_point, onnx_dtype) -> str:
+    """An integer initializer behind DequantizeLinear (per channel on axis 0)."""
+    scale = np.asarray(scale, np.float32)
+    attrs = {"axis": 0} if scale.ndim else {}
+    self.init(f"{name}/int", q.astype(onnx_dtype))
+    self.init(f"{name}/scale", scale)
+    self.init(f"{name}/zero_point", np.asarray(zero_point).astype(onnx_dtype))
+    return self.op("DequantizeLinear", [f"{name}/int", f"{name}/scale", f"{name}/zero_point"],
+                   f"{name}/dq", **attrs)
+
+
+def _oihw(kernel: np.ndarray, op: str) -> np.ndarray:
+  """HWIO conv (or (in, out) dense) kernel to ONNX OIHW."""
+  if op == "dense":
+    return kernel.T[:, :, None, None]
+  return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def _conv(b: _Builder, node: Node, x: str, in_grid: Grid | None) -> str:
+  a = node.attrs
+  op_attrs = {}
+  if node.op == "conv":
+    k = a["weight"].shape[0]
+    (pt, pb), (pl, pr) = a["pads"]
+    op_attrs = dict(kernel_shape=[k, k], strides=[a["stride"]] * 2, pads=[pt, pl, pb, pr],
+                    group=a["weight"].shape[-1] if a["depthwise"] else 1)
+  if in_grid is None:  # float model
+    w = b.init(f"{node.name}/weight", _oihw(a["weight"], node.op).astype(np.float32))
+    bias = b.init(f"{node.name}/bias", a["bias"].astype(np.float32))
+  else:
+    wg = a["w_grid"]
+    _, wdtype = storage(wg, f"{node.name} weights")
+    w = b.dequantized(f"{node.name}/weight", _oihw(a["q_weight"], node.op),
+                      wg.scale, wg.zero_point, wdtype)
+    bias_scale = np.float32(in_grid.scale) * wg.scale.astype(np.float32)
+    q_bias = bias_int32(node, in_grid)
+    if np.abs(q_bias).max(initial=0) >= 2 ** 31:
+      raise ExportError(f"{node.name}: the int32 bias overflows.")
+    bias = b.dequantized(f"{node.name}/bias", q_bias, bias_scale,
+                         np.zeros(np.shape(bias_scale), np.int32), np.int32)
+  y = b.op("Conv", [x, w, bias], f"{node.name}/conv", **op_attrs)
+  act = a.get("act")
+  if act == "relu":
+    y = b.op("Relu", [y], f"{node.name}/relu")
+  elif act == "relu6":
+    lo = b.init(f"{node.name}/clip_min", np.float32(0.0))
+    hi = b.init(f"{node.name}/clip_max", np.float32(6.0))
+    y = b.op("Clip", [y, lo, hi], f"{node.name}/relu6")
+  elif act is not None:
+    raise ExportError(f"{node.name}: no ONNX form for activation {act!r}.")
+  return y
+
+
+def _build(nodes: list[Node], input_shape, quantized: bool) -> onnx.ModelProto:
+  if len(input_shape) != 4:
+    raise ExportError(f"input_shape must be NHWC, got {input_shape}.")
+  b = _Builder()
+  tensors = {"input": b.op("Transpose", ["images"], "images_nchw", perm=[0, 3, 1, 2])}
+  grids: dict[str, Grid] = {}
+  for node in nodes:
+    ins = [tensors[i] for i in node.inputs]
+    if node.op == "quantize":
+      y = ins[0]
+    elif node.op in ("conv", "dense"):
+      y = _conv(b, node, ins[0], grids.get(node.inputs[0]) if quantized else None)
+    elif node.op == "add":
+      y = b.op("Add", ins, f"{node.name}/add")
+    elif node.op == "mean":
+      y = b.op("GlobalAveragePool", ins, f"{node.name}/pool")
+    else:
+      raise ExportError(f"{node.name}: no ONNX form for op {node.op!r}.")
+    if quantized:
+      y = b.qdq(y, node.out, node.name)
+    tensors[node.name], grids[node.name] = y, node.out
+  if nodes[-1].op != "dense":
+    raise ExportError("the graph must end in the dense classifier.")
+  b.op("Flatten", [tensors[nodes[-1].name]], "logits", axis=1)
+  n, h, w, c = input_shape
+  num_classes = nodes[-1].attrs["weight"].shape[-1]
+  graph = helper.make_graph(
+      b.nodes, "fat_int8_qdq" if quantized else "fat_fp32",
+      [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", h, w, c])],
+      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+      initializer=b.inits)
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                            producer_name="fat")
+  model.ir_version = IR_VERSION
+  onnx.checker.check_model(model, full_check=True)
+  return model
+
+
+def to_qdq(nodes: list[Node], input_shape) -> onnx.ModelProto:
+  """The int8 QDQ model of the traced graph."""
+  return _build(nodes, input_shape, quantized=True)
+
+
+def to_float(nodes: list[Node], input_shape) -> onnx.ModelProto:
+  """The float32 model of the same folded weights (no quantization)."""
+  return _build(nodes, input_shape, quantized=False)

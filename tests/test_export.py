@@ -1,0 +1,230 @@
+"""Integer graph, integer-only reference and ONNX export (fat/graph.py, fat/integer.py,
+fat/export_onnx.py), on small folded models with calibrated, perturbed thresholds.
+
+References are independent of the code under test where it matters: the
+fixed-point multiply is checked against exact rational arithmetic, ONNX
+Runtime runs the exported files, and the integer reference is compared with
+the fake-quantized JAX model layer by layer.
+"""
+
+import fractions
+
+import jax
+import numpy as np
+import onnx
+import pytest
+
+from fat import calibrate, export_onnx, fold, graph, integer, models, quant, rules, runtime
+from fat.graph import ExportError
+
+
+def _model(name):
+  kw = dict(width=0.35) if name == "mobilenet_v2" else dict(width=0.5)
+  return models.create(name, num_classes=10, small_input=True, **kw)
+
+
+def _images(n, seed):
+  """Smooth, image-like inputs in [-1, 1]."""
+  rng = np.random.default_rng(seed)
+  base = rng.uniform(-1, 1, (n, 7, 7, 1))
+  return np.clip(np.kron(base, np.ones((1, 4, 4, 1))) + 0.1 * rng.normal(size=(n, 28, 28, 1)),
+                 -1, 1).astype(np.float32)
+
+
+def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0):
+  model = _model(name)
+  x = _images(64, seed)
+  v = model.init(jax.random.PRNGKey(seed), x[:1])
+  # Random BN statistics so that folding matters.
+  rng = np.random.default_rng(seed)
+  stats = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, np.shape(a)),
+                       v["batch_stats"])
+  folded = fold.fold_variables({**v, "batch_stats": stats}, model.bn_eps)
+  r = rules.uniform_rules(weight=quant.QuantSpec(bits=weight_bits, per_channel=per_channel),
+                          act=quant.QuantSpec(bits=act_bits))
+  qmodel = calibrate.quantized(model, r)
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
+  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+  # Trained-looking thresholds: alpha in [0.6, 1] (beta is unused by symmetric specs).
+  alpha = lambda p, a: (rng.uniform(0.6, 1.0, np.shape(a)).astype(np.float32)
+                        if getattr(p[-1], "key", None) == "alpha" else a)
+  return qmodel, {**qvars,
+                  "thresholds": jax.tree_util.tree_map_with_path(alpha, qvars["thresholds"])}
+
+
+@pytest.fixture(scope="module", params=["mobilenet_v2", "mnasnet"])
+def traced(request):
+  qmodel, qvars = _quantized(request.param)
+  x = _images(32, 1)
+  nodes, acts = graph.trace(qmodel, qvars, x, return_activations=True)
+  return request.param, qmodel, qvars, x, nodes, acts
+
+
+# --------------------------------------------------------------------------
+# Fixed-point arithmetic.
+# --------------------------------------------------------------------------
+
+
+def test_quantize_multiplier_roundtrip():
+  for m in [1e-6, 0.0123, 0.25, 0.5, 0.999999, 1.0, 3.7]:
+    m0, shift = integer.quantize_multiplier(m)
+    assert 2 ** 30 <= int(m0) < 2 ** 31
+    assert abs(int(m0) * 2.0 ** (int(shift) - 31) - m) <= m * 2 ** -30
+
+
+def test_multiply_by_multiplier_rounds_once_to_nearest():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-2 ** 20, 2 ** 20, 2000)
+  for m in [0.0131, 0.1302, 0.4999, 0.75]:
+    m0, shift = integer.quantize_multiplier(m)
+    got = integer.multiply_by_multiplier(x, m0, shift)
+    exact = [fractions.Fraction(int(v) * int(m0), 2 ** (31 - int(shift))) for v in x]
+    want = np.array([int((e + fractions.Fraction(1, 2)).__floor__()) for e in exact])
+    np.testing.assert_array_equal(got, want)  # round half up, one rounding
+
+
+def test_int32_overflow_is_refused():
+  m0, shift = integer.quantize_multiplier(0.5)
+  with pytest.raises(OverflowError):
+    integer.multiply_by_multiplier(np.array([2 ** 31]), m0, shift)
+
+
+# --------------------------------------------------------------------------
+# The traced graph.
+# --------------------------------------------------------------------------
+
+
+def test_graph_covers_the_model(traced):
+  name, _, qvars, _, nodes, acts = traced
+  ops = [n.op for n in nodes]
+  assert ops[0] == "quantize" and ops[-1] == "dense" and ops[-2] == "mean"
+  assert ops.count("conv") == 52 and ops.count("add") == 10
+  names = [n.name for n in nodes]
+  assert len(set(names)) == len(names)
+  for n in nodes:  # every input is produced earlier (a DAG in topological order)
+    for i in n.inputs:
+      assert i == "input" or names.index(i) < names.index(n.name), (n.name, i)
+  adds = [n for n in nodes if n.op == "add"]
+  assert all(n.name.endswith("/add_q") and n.inputs[1].endswith("/project") for n in adds)
+  # Weights on the grid: integer values within [qmin, qmax], per-channel steps.
+  for n in nodes:
+    if n.op in ("conv", "dense"):
+      q, g = n.attrs["q_weight"], n.attrs["w_grid"]
+      assert q.min() >= g.qmin and q.max() <= g.qmax
+      assert np.shape(g.scale) == (q.shape[-1],)
+      deq = (q - g.zero_point) * g.scale
+      w = n.attrs["weight"]
+      inside = np.abs(w) <= g.qmax * g.scale
+      assert np.all(np.abs(deq - w)[inside] <= (0.5 + 1e-3) * np.broadcast_to(g.scale, w.shape)[inside])
+      assert np.all(np.abs(q[~inside]) == g.qmax)  # clipped by alpha < 1
+  # Activations are grid indices in range.
+  for n in nodes:
+    a = acts[n.name]
+    assert a.min() >= n.out.qmin and a.max() <= n.out.qmax
+
+
+def test_trace_refuses_unquantized_layers():
+  model = _model("mobilenet_v2")
+  x = _images(2, 0)
+  v = model.init(jax.random.PRNGKey(0), x[:1])
+  folded = fold.fold_variables(v, model.bn_eps)
+  # Weights quantized, activations not: nothing an int8 runtime can run.
+  qmodel = calibrate.quantized(model, rules.uniform_rules(weight=quant.QuantSpec(bits=8),
+                                                          act=None))
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
+  with pytest.raises(ExportError, match="no quantizer"):
+    graph.trace(qmodel, qvars, x)
+  with pytest.raises(ExportError, match="'quant' stage"):
+    graph.trace(calibrate.quantized(model, (), stage="folded"), folded, x)
+
+
+# --------------------------------------------------------------------------
+# Integer-only reference vs the fake-quantized model.
+# --------------------------------------------------------------------------
+
+
+def test_integer_reference_layer_by_layer(traced):
+  """Each integer op, given the simulation's integer inputs, reproduces the
+  simulation's grid indices: >= 99.9% equal, the rest within 1 step."""
+  _, _, _, x, nodes, acts = traced
+  grids = {n.name: n.out for n in nodes}
+  equal = total = 0
+  for n in nodes:
+    q = integer.run_node(n, {i: acts[i] for i in n.inputs if i != "input"}, grids, x)
+    d = np.abs(q - acts[n.name])
+    assert d.max() <= 1, n.name
+    equal += int((d == 0).sum())
+    total += d.size
+  assert equal / total >= 0.999, equal / total
+
+
+def test_integer_reference_end_to_end(traced):
+  """Run alone from the images: the logits' argmax equals the simulation's on
+  (almost) every image; single-step differences can grow along the network."""
+  _, qmodel, qvars, x, nodes, acts = traced
+  ints = integer.run(nodes, x)
+  sim = np.asarray(jax.jit(qmodel.apply)(qvars, x))
+  ref = integer.logits(nodes, x, batch_size=7)
+  np.testing.assert_array_equal(ref.argmax(-1) == sim.argmax(-1),
+                                ints[nodes[-1].name].argmax(-1) == sim.argmax(-1))
+  assert np.mean(ref.argmax(-1) == sim.argmax(-1)) >= 0.9
+  assert np.array_equal(ints["input_q"], acts["input_q"])
+  first_conv = nodes[1].name
+  assert np.mean(ints[first_conv] == acts[first_conv]) >= 0.999
+
+
+# --------------------------------------------------------------------------
+# ONNX export and ONNX Runtime.
+# --------------------------------------------------------------------------
+
+
+def test_onnx_export_runs_int8_in_ort(traced, tmp_path):
+  _, qmodel, qvars, x, nodes, _ = traced
+  q_model = export_onnx.to_qdq(nodes, (None,) + x.shape[1:])
+  f_model = export_onnx.to_float(nodes, (None,) + x.shape[1:])
+  onnx.checker.check_model(q_model, full_check=True)
+  paths = {k: str(tmp_path / f"{k}.onnx") for k in ("int8", "fp32")}
+  onnx.save(q_model, paths["int8"])
+  onnx.save(f_model, paths["fp32"])
+  init = {t.name: t for t in q_model.graph.initializer}
+  assert any(t.data_type == onnx.TensorProto.INT8 and n.endswith("weight/int")
+             for n, t in init.items())
+  assert any(t.data_type == onnx.TensorProto.INT32 and n.endswith("bias/int")
+             for n, t in init.items())
+  # ORT runs integer kernels, no float convolutions.
+  ops = runtime.executed_ops(paths["int8"])
+  assert ops.get("QLinearConv", 0) == 53 and ops.get("QLinearAdd", 0) == 10
+  assert not set(ops) & set(runtime.FLOAT_COMPUTE_OPS), ops
+  # int8 ORT agrees with the integer reference and the simulation.
+  ort_q = runtime.logits(runtime.session(paths["int8"]), x)
+  ref = integer.logits(nodes, x)
+  sim = np.asarray(jax.jit(qmodel.apply)(qvars, x))
+  assert np.mean(ort_q.argmax(-1) == ref.argmax(-1)) >= 0.95
+  assert np.mean(ort_q.argmax(-1) == sim.argmax(-1)) >= 0.9
+  step = nodes[-1].out.scale
+  assert np.median(np.abs(ort_q - sim)) <= 2 * step
+  # fp32 ONNX equals the folded JAX model.
+  folded = calibrate.quantized(qmodel, (), stage="folded")
+  want = np.asarray(jax.jit(folded.apply)({"params": qvars["params"]}, x))
+  np.testing.assert_allclose(runtime.logits(runtime.session(paths["fp32"]), x), want,
+                             atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_bits, act_bits", [(4, 8), (8, 4)])
+def test_onnx_export_refuses_non_8_bit(weight_bits, act_bits):
+  qmodel, qvars = _quantized("mobilenet_v2", weight_bits=weight_bits, act_bits=act_bits)
+  nodes = graph.trace(qmodel, qvars, _images(2, 0))
+  with pytest.raises(ExportError, match="8-bit"):
+    export_onnx.to_qdq(nodes, (None, 28, 28, 1))
+
+
+def test_storage_types():
+  g = lambda lo, hi, zp: graph.Grid(scale=np.float32(0.1), zero_point=np.asarray(zp),
+                                    qmin=lo, qmax=hi)
+  assert export_onnx.storage(g(-127, 127, 0), "x")[1] is np.int8
+  assert export_onnx.storage(g(0, 255, 3), "x")[1] is np.uint8
+  with pytest.raises(ExportError):
+    export_onnx.storage(g(0, 255, -5), "x")  # zero point outside uint8
+  for bad in (g(0, 15, 0), g(-7, 7, 0)):  # 4-bit grids
+    with pytest.raises(ExportError, match="8-bit"):
+      export_onnx.storage(bad, "x")
