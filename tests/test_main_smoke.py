@@ -177,3 +177,45 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   teacher[:] = 0.0
   _, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
   assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
+
+
+def run_module(module, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_export_and_verify_onnx(smoke_run):
+  """The deployment commands on the smoke main job's output."""
+  workdir, report = smoke_run
+  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=w8a8_per_channel")
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = os.path.join(workdir, "export", "w8a8_per_channel")
+  for name in ("model_int8.onnx", "model_fp32.onnx", "export.json"):
+    assert os.path.isfile(os.path.join(out, name)), name
+  r = run_module("experiments.verify_onnx", f"--workdir={workdir}", "--integer_examples=200")
+  assert r.returncode == 0, r.stderr[-3000:]
+  onnx_report = json.load(open(os.path.join(workdir, "onnx_report.json")))
+  (s,) = onnx_report["settings"]
+  assert s["setting"] == "w8a8_per_channel" and s["eval_examples"] == 200
+  fat_top1 = report["settings"][0]["methods"]["fat"]["top1_pct"]
+  assert s["fake_quant"]["top1_pct"] == fat_top1 == s["fake_quant"]["report_top1_pct"]
+  assert s["int8_ops"]["QLinearConv"] == 53 and not s["float_fallback_ops"]
+  assert s["int8"]["agreement_pct"] >= 95.0
+  assert abs(s["int8"]["top1_pct"] - fat_top1) <= 2.0
+  assert s["fp32"]["agreement_pct"] >= 99.0
+  assert s["integer_reference"]["ort_int8_agreement_pct"] >= 95.0
+
+
+def test_export_refusals(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=w4a8_per_channel")
+  assert r.returncode != 0 and "8-bit quantizers" in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel"))
+  assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel.tmp"))
+  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=nope")
+  assert r.returncode != 0 and "no setting 'nope'" in r.stderr, r.stderr[-2000:]
+  r = run_module("experiments.export", f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "run the main job" in r.stderr, r.stderr[-2000:]
+  r = run_module("experiments.verify_onnx", f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "nothing exported" in r.stderr, r.stderr[-2000:]
