@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fat import parallel
 from fat.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -24,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   config = FLAGS.config
+  parallel.initialize_distributed()
   try:
     if config.job == "float":
       from experiments.train_float import train_float

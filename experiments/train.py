@@ -20,8 +20,8 @@ import optax
 from clu import metric_writers
 from tqdm import tqdm
 
-from fat import (calibrate, checkpoints, data, evaluate, fold, methods, models, quant,
-                 report, rules, schedules)
+from fat import (calibrate, checkpoints, data, evaluate, fold, methods, models, parallel,
+                 quant, report, rules, schedules)
 from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
 from experiments import config_checks
 
@@ -74,8 +74,10 @@ def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, 
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only."""
   tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
   step = methods.make_fat_step(qmodel, tx, cfg.loss)
+  mesh = parallel.data_mesh()
   thresholds = qvars[TRAINABLE_COLLECTION]
   frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
+  thresholds, frozen = parallel.replicate((thresholds, frozen), mesh)
   opt_state = tx.init(thresholds)
   n = len(unlabeled)
   steps_per_epoch = max(1, n // cfg.batch_size)
@@ -87,8 +89,9 @@ def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, 
     skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
     for b in range(steps_per_epoch):
       idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-      x = data.normalize(unlabeled.images[idx])
-      thresholds, opt_state, m = step(thresholds, opt_state, frozen, x, teacher[idx])
+      x = parallel.shard_batch(data.normalize(unlabeled.images[idx]), mesh)
+      thresholds, opt_state, m = step(thresholds, opt_state, frozen, x,
+                                      parallel.shard_batch(teacher[idx], mesh))
       skipped = skipped + (~m["finite"]).astype(jnp.int32)
       i = epoch * steps_per_epoch + b + 1
       if i % log_every == 0 or i == steps_per_epoch * cfg.epochs:
@@ -108,15 +111,18 @@ def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_ever
   """Full-QAT baseline: params and thresholds, labels, cross-entropy, Adam."""
   tx = optax.adam(cfg.learning_rate)
   step = methods.make_qat_step(qmodel, tx)
+  mesh = parallel.data_mesh()
   trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
   frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
+  trainable, frozen = parallel.replicate((trainable, frozen), mesh)
   opt_state = tx.init(trainable)
   t0, losses = time.time(), []
   total = data.num_batches(len(train), cfg.batch_size, True) * cfg.epochs
   stream = data.batches(train, cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
   skipped = jnp.zeros((), jnp.int32)
   for i, (x, y) in enumerate(tqdm(stream, total=total, desc=f"QAT {tag}", leave=False), 1):
-    trainable, opt_state, m = step(trainable, opt_state, frozen, x, y)
+    trainable, opt_state, m = step(trainable, opt_state, frozen, parallel.shard_batch(x, mesh),
+                                   parallel.shard_batch(y, mesh))
     skipped = skipped + (~m["finite"]).astype(jnp.int32)
     if i % log_every == 0:
       losses.append((i, float(m["loss"])))

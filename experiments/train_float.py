@@ -12,7 +12,7 @@ from absl import logging
 from clu import metric_writers
 from tqdm import tqdm
 
-from fat import checkpoints, data, evaluate, float_training, models
+from fat import checkpoints, data, evaluate, float_training, models, parallel
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -35,7 +35,8 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 int(config.warmup_epochs * steps_per_epoch))
   variables = model.init(jax.random.PRNGKey(config.seed),
                          jnp.zeros((1,) + train.images.shape[1:]), train=False)
-  params, stats = variables["params"], variables["batch_stats"]
+  mesh = parallel.data_mesh()
+  params, stats = parallel.replicate((variables["params"], variables["batch_stats"]), mesh)
   opt_state = tx.init(params)
   step = float_training.make_train_step(model, tx, config.label_smoothing)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -44,7 +45,9 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stream = data.batches(train, config.batch_size, seed=config.seed, epochs=config.epochs,
                         drop_remainder=True, augment_images=config.augment)
   for i, (x, y) in enumerate(tqdm(stream, total=total, desc="float train")):
-    params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
+    params, stats, opt_state, loss = step(params, stats, opt_state,
+                                          parallel.shard_batch(x, mesh),
+                                          parallel.shard_batch(y, mesh))
     if (i + 1) % 50 == 0:
       if not np.isfinite(float(loss)):
         raise FloatingPointError(f"float training diverged at step {i + 1} (loss {loss}); "

@@ -23,17 +23,26 @@ class CheckpointError(ValueError):
   """A missing or unreadable checkpoint."""
 
 
+def _to_host(a):
+  """numpy copy of a leaf; a replicated multi-host array is read from a local shard."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return np.asarray(a.addressable_data(0))
+  return np.asarray(a)
+
+
 def save(path: str, variables, meta: dict) -> None:
   """Writes ``variables`` and ``meta`` to ``path``, replacing an older checkpoint.
 
   The checkpoint is written to ``path.tmp`` and renamed, so an interrupted
   save never leaves a half-written checkpoint at ``path``.
   """
+  if jax.process_index() != 0:  # multi-host: replicated state, one writer
+    return
   path = os.path.abspath(path)
   tmp = path + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  host = jax.tree.map(np.asarray, variables)
+  host = jax.tree.map(_to_host, variables)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, STATE), host)
   with open(os.path.join(tmp, META), "w") as f:

@@ -118,16 +118,17 @@ def _weight_grad(xp, g, kh, kw, stride, max_chunk: int = 8):
   """
   b, ho, wo, c = g.shape
   chunk = max(d for d in range(1, min(b, max_chunk) + 1) if b % d == 0)
+  acc = jnp.promote_types(xp.dtype, jnp.float32)  # float32 sums for bf16 inputs
 
   def taps(xc, gc):
     return jnp.stack([
-        jnp.stack([jnp.sum(_tap(xc, i, j, ho, wo, stride).astype(jnp.float32) * gc,
+        jnp.stack([jnp.sum(_tap(xc, i, j, ho, wo, stride).astype(acc) * gc,
                            axis=(0, 1, 2)) for j in range(kw)]) for i in range(kh)])
 
   xs = xp.reshape(b // chunk, chunk, *xp.shape[1:])
-  gs = g.reshape(b // chunk, chunk, *g.shape[1:]).astype(jnp.float32)
-  total, _ = jax.lax.scan(lambda acc, xg: (acc + taps(*xg), None),
-                          jnp.zeros((kh, kw, c), jnp.float32), (xs, gs))
+  gs = g.reshape(b // chunk, chunk, *g.shape[1:]).astype(acc)
+  total, _ = jax.lax.scan(lambda acc_, xg: (acc_ + taps(*xg), None),
+                          jnp.zeros((kh, kw, c), acc), (xs, gs))
   return total
 
 

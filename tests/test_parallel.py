@@ -1,0 +1,115 @@
+"""Data parallelism (fat/parallel.py): two devices train the same thresholds as one.
+
+Runs in a subprocess with ``--xla_force_host_platform_device_count=2``: XLA
+flags must be set before JAX starts. The two runs differ only in how XLA
+partitions the batch, hence in float summation order: float training steps
+agree to float64 rounding. FAT gradients agree up to the straight-through estimator's
+jumps: a last-bit difference can move a value across a rounding boundary,
+where d(quantization error)/d(alpha) jumps by one grid step.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np, optax
+from fat import calibrate, float_training, fold, methods, models, parallel, quant, rules
+from fat.layers import TRAINABLE_COLLECTION
+
+assert len(jax.devices()) == 2, jax.devices()
+model = models.create("mobilenet_v2", num_classes=10, width=0.35)
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (48, 28, 28, 1)).astype(np.float32)
+y = rng.integers(0, 10, 48)
+v = model.init(jax.random.PRNGKey(0), x[:1])
+meshes = {1: parallel.data_mesh(jax.devices()[:1]), 2: parallel.data_mesh(jax.devices())}
+out = {}
+
+# Float training (BatchNorm statistics over the global batch): 3 SGD steps, in
+# float64: a random-init BN network is ill-conditioned enough that float32
+# summation order alone moves its gradients by ~1%.
+jax.config.update("jax_enable_x64", True)
+model64 = models.create("mobilenet_v2", num_classes=10, width=0.35, dtype=jnp.float64)
+v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), v)
+tx = optax.sgd(0.01)
+step = float_training.make_train_step(model64, tx)
+params = {}
+for n, mesh in meshes.items():
+  p, st = parallel.replicate((v64["params"], v64["batch_stats"]), mesh)
+  o = tx.init(p)
+  for i in range(3):
+    sl = slice(16 * i, 16 * (i + 1))
+    p, st, o, _ = step(p, st, o, parallel.shard_batch(x[sl].astype(np.float64), mesh),
+                       parallel.shard_batch(y[sl], mesh))
+  params[n] = (jax.tree.map(np.asarray, p), jax.tree.map(np.asarray, st))
+  out["devices_%d" % n] = len(parallel.shard_batch(x[:16], mesh).sharding.device_set)
+d = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params[1], params[2])
+out["float_max_diff"] = max(jax.tree.leaves(d))  # params and BN statistics are O(1)
+out["float_moved"] = max(jax.tree.leaves(jax.tree.map(
+    lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), params[1][0], v["params"])))
+jax.config.update("jax_enable_x64", False)
+
+# FAT (float32): loss and threshold gradient of one step.
+folded = fold.fold_variables(v, model.bn_eps)
+r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
+                        act=quant.QuantSpec(bits=8))
+qmodel = calibrate.quantized(model, r)
+qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
+qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+teacher = np.asarray(jax.jit(calibrate.quantized(model, (), stage="folded").apply)(folded, x))
+frozen = {k: qvars[k] for k in qvars if k != TRAINABLE_COLLECTION}
+
+def loss(t, fz, xb, tb):
+  return methods.distillation_loss(qmodel.apply({**fz, TRAINABLE_COLLECTION: t}, xb), tb)
+
+value_grad = jax.jit(jax.value_and_grad(loss))
+res = {}
+for n, mesh in meshes.items():
+  t, fz = parallel.replicate((qvars[TRAINABLE_COLLECTION], frozen), mesh)
+  val, g = value_grad(t, fz, parallel.shard_batch(x[:16], mesh),
+                      parallel.shard_batch(teacher[:16], mesh))
+  res[n] = (float(val), np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)]))
+out["fat_loss"] = [res[1][0], res[2][0]]
+g1, g2 = res[1][1], res[2][1]
+out["fat_grad_cosine"] = float(g1 @ g2 / np.linalg.norm(g1) / np.linalg.norm(g2))
+out["fat_grad_rel_norm_diff"] = float(np.linalg.norm(g1 - g2) / np.linalg.norm(g1))
+print(json.dumps(out))
+"""
+
+
+def test_two_devices_match_one():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["devices_1"] == 1 and out["devices_2"] == 2  # the batch really was split
+  # Float steps (BatchNorm over the global batch) agree to float rounding.
+  assert out["float_moved"] > 1e-2
+  assert out["float_max_diff"] < 1e-8, out
+  # FAT: the same loss; the same gradient up to the straight-through jumps that
+  # last-bit differences cause at rounding boundaries.
+  np.testing.assert_allclose(out["fat_loss"][0], out["fat_loss"][1], rtol=1e-5)
+  assert out["fat_grad_cosine"] > 0.99, out
+  assert out["fat_grad_rel_norm_diff"] < 0.1, out
+
+
+def test_batch_must_split_over_devices():
+  import jax
+  from fat import parallel
+  mesh = parallel.data_mesh()
+  n = len(jax.devices())
+  x = np.zeros((n, 3), np.float32)
+  assert parallel.shard_batch(x, mesh).shape == (n, 3)
+  if n > 1:
+    with pytest.raises(ValueError, match="divisible"):
+      parallel.shard_batch(np.zeros((n + 1, 3)), mesh)
