@@ -213,9 +213,11 @@ def test_export_refusals(smoke_run, tmp_path):
   assert r.returncode != 0 and "8-bit quantizers" in r.stderr, r.stderr[-2000:]
   assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel"))
   assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel.tmp"))
-  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=nope")
-  assert r.returncode != 0 and "no setting 'nope'" in r.stderr, r.stderr[-2000:]
-  r = run_module("experiments.export", f"--workdir={tmp_path}")
-  assert r.returncode != 0 and "run the main job" in r.stderr, r.stderr[-2000:]
-  r = run_module("experiments.verify_onnx", f"--workdir={tmp_path}")
-  assert r.returncode != 0 and "nothing exported" in r.stderr, r.stderr[-2000:]
+  # The other refusals in-process: the same messages, without a JAX start each.
+  from experiments import deploy
+  with pytest.raises(checkpoints.CheckpointError, match="no setting 'nope'"):
+    deploy.export(workdir, "nope")
+  with pytest.raises(checkpoints.CheckpointError, match="run the main job"):
+    deploy.export(str(tmp_path))
+  with pytest.raises(ValueError, match="nothing exported"):
+    deploy.verify(str(tmp_path))
