@@ -17,7 +17,7 @@ from fat import checkpoints, data, evaluate, float_training, models, parallel
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   return dict(num_classes=config.num_classes, width=config.width,
-              small_input=config.small_input)
+              small_input=config.small_input, bn_momentum=config.bn_momentum)
 
 
 def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -32,12 +32,13 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train)} train examples.")
   total = steps_per_epoch * config.epochs
   tx = float_training.optimizer(config.learning_rate, config.weight_decay, total,
-                                int(config.warmup_epochs * steps_per_epoch))
+                                int(config.warmup_epochs * steps_per_epoch),
+                                config.get("optimizer", "adamw"))
   variables = model.init(jax.random.PRNGKey(config.seed),
                          jnp.zeros((1,) + train.images.shape[1:]), train=False)
   mesh = parallel.data_mesh()
   params, stats = parallel.replicate((variables["params"], variables["batch_stats"]), mesh)
-  opt_state = tx.init(params)
+  opt_state = parallel.replicate(tx.init(params), mesh)  # as the step returns it: no recompile
   step = float_training.make_train_step(model, tx, config.label_smoothing)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   predict = evaluate.make_predict(lambda v, x: model.apply(v, x, train=False))

@@ -7,12 +7,24 @@ import jax
 import optax
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def optimizer(learning_rate: float, weight_decay: float, total_steps: int,
-              warmup_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay to zero."""
+              warmup_steps: int, name: str = "adamw") -> optax.GradientTransformation:
+  """Linear warm-up and cosine decay to zero, with one of ``OPTIMIZERS``.
+
+  ``"adamw"``: decoupled weight decay. ``"sgd"``: Nesterov momentum 0.9 with an
+  L2 term ``weight_decay * p`` added to the gradient.
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
-  return optax.adamw(schedule, weight_decay=weight_decay)
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule, momentum=0.9, nesterov=True))
+  raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {name!r}.")
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
