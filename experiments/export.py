@@ -8,11 +8,10 @@ Writes ``<workdir>/export/<setting>/model_int8.onnx`` and ``model_fp32.onnx``;
 
 from __future__ import annotations
 
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from fat.errors import UserError
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Main-job workdir (holds checkpoints/<setting>).")
@@ -23,12 +22,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   from experiments import deploy
-  try:
+  with cli.exit_on_user_error():
     out = deploy.export(FLAGS.workdir, FLAGS.setting)
-  except UserError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"wrote {out}/{deploy.INT8} and {deploy.FP32}")
 
 

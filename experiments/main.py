@@ -1,6 +1,6 @@
 """Entry point: the only place flags are defined.
 
-  python -m experiments.main --config=configs/fashion_mnist/mobilenet_v2.py --workdir=runs/mnv2
+  python -m experiments.main --config=configs/default.py --workdir=runs/default
 
 ``config.job`` picks the job: "fat" (the quantization pipeline, the default
 main job) or "float" (training a float base model).
@@ -8,13 +8,12 @@ main job) or "float" (training a float base model).
 
 from __future__ import annotations
 
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fat import parallel
-from fat.errors import UserError
+from experiments import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -26,7 +25,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   parallel.initialize_distributed()
-  try:
+  with cli.exit_on_user_error():
     if config.job == "float":
       from experiments.train_float import train_float
       train_float(config, FLAGS.workdir)
@@ -34,12 +33,7 @@ def main(argv):
       from experiments.train import train_and_evaluate
       train_and_evaluate(config, FLAGS.workdir)
     else:
-      raise UserError(f"config.job must be 'fat' or 'float', got {config.job!r}.")
-  except UserError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
+      raise ValueError(f"config.job must be 'fat' or 'float', got {config.job!r}.")
 
 if __name__ == "__main__":
   app.run(main)

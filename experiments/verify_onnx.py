@@ -10,11 +10,10 @@ reference's agreement, and the ops ORT actually ran.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from fat.errors import UserError
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Main-job workdir with export/<setting>/.")
@@ -26,12 +25,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   from experiments import deploy
-  try:
+  with cli.exit_on_user_error():
     report = deploy.verify(FLAGS.workdir, FLAGS.integer_examples)
-  except UserError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(json.dumps(report, indent=2))
 
 
