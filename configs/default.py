@@ -20,8 +20,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "fat"
   c.model_checkpoint = "checkpoints/fashion_mnist/mobilenet_v2"
-  c.dataset = "fashion_mnist"
+  # A pretrained file instead of model_checkpoint (fat/models/pretrained.py):
+  # format "keras" | "timm" | "tf_mnasnet", path, and arch for timm.
+  c.pretrained = ml_collections.ConfigDict(dict(format="", path="", arch=""))
+  c.dataset = "fashion_mnist"    # or "imagenet2012" (TFDS), "imagenet_folder"
   c.data_dir = ""
+  # ImageNet only: the weight source's preprocessing (fat/imagenet.py PREPROCESS),
+  # the input size, and the folder of the downloaded tars for TFDS preparation.
+  c.preprocess = "keras"
+  c.image_size = 224
+  c.manual_dir = ""
   c.seed = 0
   c.eval_examples = 0            # 0: the whole test split
   c.eval_batch_size = 500

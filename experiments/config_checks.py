@@ -8,7 +8,8 @@ import tempfile
 
 import ml_collections
 
-from fat import data, methods, quant
+from fat import data, imagenet, methods, quant
+from fat.models import pretrained
 
 PTQ_METHODS = ("minmax", "percentile", "mse")
 
@@ -23,8 +24,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset not in data.DATASETS:
     raise ValueError(f"config.dataset {config.dataset!r} is unknown; choose one of "
                      f"{data.DATASETS}.")
+  if config.dataset in data.IMAGENET_SOURCES and config.preprocess not in imagenet.PREPROCESS:
+    raise ValueError(f"config.preprocess must be one of {sorted(imagenet.PREPROCESS)} for "
+                     f"ImageNet, got {config.preprocess!r}.")
+  if config.pretrained.format and config.pretrained.format not in pretrained.FORMATS:
+    raise ValueError(f"config.pretrained.format must be '' (use model_checkpoint) or one of "
+                     f"{pretrained.FORMATS}, got {config.pretrained.format!r}.")
   for name in ("eval_batch_size", "calibration_images", "calibration_batch_size",
-               "log_every"):
+               "log_every", "image_size"):
     _positive_int(name, config[name])
   if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import onnx
 
@@ -53,9 +52,18 @@ def load_setting(workdir: str, setting: str):
   return calibrate.quantized(model, rules), qvars, meta
 
 
-def eval_split(meta: dict) -> data.Split:
-  test = data.load(meta["dataset"], "test", meta.get("data_dir") or None)
-  return test.take(np.arange(min(meta["eval_examples"], len(test))))
+def eval_split(meta: dict):
+  """The main job's eval examples (a ``data.Split`` or ``imagenet.StreamSplit``)."""
+  test = data.load(meta["dataset"], "test", meta.get("data_dir") or None,
+                   preprocess=meta.get("preprocess", "keras"),
+                   image_size=meta.get("image_size", 224))
+  return test.head(meta["eval_examples"])
+
+
+def inputs(split) -> np.ndarray:
+  """All of ``split``'s model inputs in one array (ONNX Runtime and the integer
+  reference take whole arrays)."""
+  return np.concatenate([x for x, _ in split.batches(500)])
 
 
 def export(workdir: str, setting: str | None = None) -> str:
@@ -63,7 +71,7 @@ def export(workdir: str, setting: str | None = None) -> str:
   returns their directory. Nothing is left behind on failure."""
   setting = setting or setting_names(workdir)[0]
   qmodel, qvars, meta = load_setting(workdir, setting)
-  sample = data.normalize(eval_split(meta).images[:2])
+  sample = next(eval_split(meta).batches(2))[0]
   nodes = graph.trace(qmodel, qvars, sample)
   shape = (None,) + sample.shape[1:]
   int8, fp32 = export_onnx.to_qdq(nodes, shape), export_onnx.to_float(nodes, shape)
@@ -103,7 +111,7 @@ def verify(workdir: str, integer_examples: int = 1000) -> dict:
 def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   qmodel, qvars, meta = load_setting(workdir, setting)
   split = eval_split(meta)
-  images = data.normalize(split.images)
+  images = inputs(split)
   fmodel = calibrate.quantized(qmodel, (), stage="folded")
   folded = {"params": qvars["params"]}
   fake = evaluate.predict(evaluate.make_predict(qmodel.apply), qvars, split, 500, desc="fake quant")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from fat import (calibrate, checkpoints, data, evaluate, fold, methods, models, parallel,
                  quant, report, rules, schedules)
+from fat.models import pretrained
 from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
 from experiments import config_checks
 
@@ -54,10 +55,9 @@ class Evaluator:
     return out, preds
 
 
-def logits_of(fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Logits of the jitted ``fn(variables, x)`` over uint8 ``images``."""
-  return np.concatenate([np.asarray(fn(variables, data.normalize(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)])
+def logits_of(fn, variables, split, batch_size: int) -> np.ndarray:
+  """Logits of the jitted ``fn(variables, x)`` over ``split``, in its order."""
+  return np.concatenate([np.asarray(fn(variables, x)) for x, _ in split.batches(batch_size)])
 
 
 def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: str) -> int:
@@ -69,8 +69,8 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
   return skipped
 
 
-def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, cfg, seed,
-                     writer, tag, log_every):
+def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, writer, tag,
+                     log_every):
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only."""
   tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
   step = methods.make_fat_step(qmodel, tx, cfg.loss)
@@ -78,36 +78,32 @@ def train_thresholds(qmodel, qvars, unlabeled: data.Split, teacher: np.ndarray, 
   thresholds = qvars[TRAINABLE_COLLECTION]
   frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
   thresholds, frozen = parallel.replicate((thresholds, frozen), mesh)
-  opt_state = tx.init(thresholds)
+  opt_state = parallel.replicate(tx.init(thresholds), mesh)
   n = len(unlabeled)
   steps_per_epoch = max(1, n // cfg.batch_size)
-  rng = np.random.default_rng(seed)
+  total = steps_per_epoch * cfg.epochs
+  stream = unlabeled.batches(cfg.batch_size, seed=seed, epochs=cfg.epochs,
+                             drop_remainder=n >= cfg.batch_size, with_index=True)
   losses, nonfinite, t0 = [], 0, time.time()
-  bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"FAT {tag}", leave=False)
-  for epoch in range(cfg.epochs):
-    order = rng.permutation(n)
-    skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
-    for b in range(steps_per_epoch):
-      idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-      x = parallel.shard_batch(data.normalize(unlabeled.images[idx]), mesh)
-      thresholds, opt_state, m = step(thresholds, opt_state, frozen, x,
-                                      parallel.shard_batch(teacher[idx], mesh))
-      skipped = skipped + (~m["finite"]).astype(jnp.int32)
-      i = epoch * steps_per_epoch + b + 1
-      if i % log_every == 0 or i == steps_per_epoch * cfg.epochs:
-        losses.append((i, float(m["loss"])))
-        writer.write_scalars(i, {f"{tag}/fat_loss": losses[-1][1]})
-      bar.update()
-    nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}", epoch,
-                                    "config.fat.learning_rate")
-  bar.close()
+  skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
+  for i, (x, _, idx) in enumerate(tqdm(stream, total=total, desc=f"FAT {tag}", leave=False), 1):
+    thresholds, opt_state, m = step(thresholds, opt_state, frozen, parallel.shard_batch(x, mesh),
+                                    parallel.shard_batch(teacher[idx], mesh))
+    skipped = skipped + (~m["finite"]).astype(jnp.int32)
+    if i % log_every == 0 or i == total:
+      losses.append((i, float(m["loss"])))
+      writer.write_scalars(i, {f"{tag}/fat_loss": losses[-1][1]})
+    if i % steps_per_epoch == 0:
+      nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}",
+                                      i // steps_per_epoch - 1, "config.fat.learning_rate")
+      skipped = jnp.zeros((), jnp.int32)
   jax.block_until_ready(thresholds)
   stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
            "steps": steps_per_epoch * cfg.epochs, "nonfinite_steps": nonfinite}
   return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
 
 
-def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_every):
+def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   """Full-QAT baseline: params and thresholds, labels, cross-entropy, Adam."""
   tx = optax.adam(cfg.learning_rate)
   step = methods.make_qat_step(qmodel, tx)
@@ -115,10 +111,10 @@ def train_qat(qmodel, qvars, train: data.Split, cfg, seed, writer, tag, log_ever
   trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
   frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
   trainable, frozen = parallel.replicate((trainable, frozen), mesh)
-  opt_state = tx.init(trainable)
+  opt_state = parallel.replicate(tx.init(trainable), mesh)
   t0, losses = time.time(), []
   total = data.num_batches(len(train), cfg.batch_size, True) * cfg.epochs
-  stream = data.batches(train, cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
+  stream = train.batches(cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
   skipped = jnp.zeros((), jnp.int32)
   for i, (x, y) in enumerate(tqdm(stream, total=total, desc=f"QAT {tag}", leave=False), 1):
     trainable, opt_state, m = step(trainable, opt_state, frozen, parallel.shard_batch(x, mesh),
@@ -145,8 +141,9 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   qmodel = calibrate.quantized(model, setting_rules(s, config.fat))
   apply_q = jax.jit(qmodel.apply)
   predict_q = evaluate.make_predict(qmodel.apply)
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], data.normalize(calib.images[:1]))
-  calib_batches = lambda: (x for x, _ in data.batches(calib, config.calibration_batch_size))
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"],
+                                         next(calib.batches(1))[0])
+  calib_batches = lambda: (x for x, _ in calib.batches(config.calibration_batch_size))
   nb = data.num_batches(len(calib), config.calibration_batch_size)
   candidates = {"ptq_minmax": calibrate.calibrate(qmodel, qvars, calib_batches(), num_batches=nb)}
   if "percentile" in config.ptq_methods:
@@ -167,7 +164,7 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   # unlabeled calibration images (no labels, no test data).
   cal_teacher = teacher[:len(calib)]
   def distill(v):
-    q = logits_of(apply_q, v, calib.images, config.calibration_batch_size)
+    q = logits_of(apply_q, v, calib, config.calibration_batch_size)
     return float(methods.distillation_loss(q, cal_teacher, config.fat.loss))
   init = min(candidates, key=lambda k: distill(candidates[k]))
   fat_vars, losses, stats = train_thresholds(qmodel, candidates[init], unlabeled, teacher,
@@ -185,21 +182,33 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
                    {"setting": entry["name"], "config": s.to_dict(),
                     "fat": config.fat.to_dict(), **model_meta,
                     "dataset": config.dataset, "data_dir": config.data_dir,
+                    "preprocess": config.preprocess, "image_size": config.image_size,
                     "fake_quant_top1_pct": entry["methods"]["fat"]["top1_pct"],
                     "eval_examples": len(evaluator.test)})
   return entry, fat_vars, curves
 
 
+def load_float(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]:
+  """(model name, model kwargs, float variables): a pretrained file or our checkpoint."""
+  src = config.pretrained
+  if src.format:
+    return pretrained.load(src.format, src.path, src.arch)
+  variables, meta = checkpoints.load(config.model_checkpoint)
+  return meta["model"], meta["model_kwargs"], variables
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config)
-  float_vars, meta = checkpoints.load(config.model_checkpoint)
-  model = models.create(meta["model"], **meta["model_kwargs"])
-  train = data.load(config.dataset, "train", config.data_dir or None)
-  test = data.load(config.dataset, "test", config.data_dir or None)
+  name, model_kwargs, float_vars = load_float(config)
+  model = models.create(name, **model_kwargs)
+  load = lambda split: data.load(config.dataset, split, config.data_dir or None,
+                                 preprocess=config.preprocess, image_size=config.image_size,
+                                 manual_dir=config.manual_dir or None)
+  train, test = load("train"), load("test")
   if config.eval_examples:
-    test = test.take(np.arange(min(config.eval_examples, len(test))))
-  unlabeled = data.subset(train, config.fat.train_fraction, config.seed)
-  calib = unlabeled.take(np.arange(min(config.calibration_images, len(unlabeled))))
+    test = test.head(config.eval_examples)
+  unlabeled = train.sample(config.fat.train_fraction, config.seed)
+  calib = unlabeled.head(config.calibration_images)
   if len(calib) == 0:
     raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
   config_checks.ensure_writable(workdir)
@@ -208,17 +217,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fmodel = calibrate.quantized(model, (), stage="folded")
   evaluator = Evaluator(test, config.eval_batch_size)
   fp32, evaluator.reference = evaluator(evaluate.make_predict(fmodel.apply), folded, "fp32")
-  teacher = logits_of(jax.jit(fmodel.apply), folded, unlabeled.images, config.eval_batch_size)
-  out = {"model": meta["model"], "width": meta["model_kwargs"]["width"],
+  teacher = logits_of(jax.jit(fmodel.apply), folded, unlabeled, config.eval_batch_size)
+  out = {"model": name, "width": model_kwargs["width"],
          "dataset": config.dataset, "eval_examples": len(test), "fp32": fp32,
          "calibration_images": len(calib), "seed": config.seed, "settings": []}
+  if "paper" in config:
+    out["paper"] = config.paper.to_dict()
   thresholds, curves = {}, {}
-  qat_train = data.subset(train, config.qat.train_fraction, config.seed)
+  qat_train = train.sample(config.qat.train_fraction, config.seed)
   for s in config.settings:
     entry, fat_vars, c = run_setting(s, config, model, folded, (unlabeled, calib, qat_train),
                                      teacher, evaluator, writer, workdir,
-                                     {"model": meta["model"],
-                                      "model_kwargs": meta["model_kwargs"]})
+                                     {"model": name, "model_kwargs": model_kwargs})
     out["settings"].append(entry)
     thresholds[s.name] = fat_vars[TRAINABLE_COLLECTION]
     curves.update({f"{s.name} {k}": [l for _, l in v] for k, v in c.items()})

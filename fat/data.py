@@ -20,7 +20,8 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "imagenet2012", "imagenet_folder")
+IMAGENET_SOURCES = {"imagenet2012": "tfds", "imagenet_folder": "folder"}
 
 
 class DataError(ValueError):
@@ -39,6 +40,16 @@ class Split:
 
   def take(self, idx) -> "Split":
     return Split(self.images[idx], self.labels[idx])
+
+  # The batch interface shared with fat.imagenet.StreamSplit.
+  def head(self, n: int) -> "Split":
+    return self.take(np.arange(min(n, len(self))))
+
+  def sample(self, fraction: float, seed: int) -> "Split":
+    return subset(self, fraction, seed)
+
+  def batches(self, batch_size: int, **kwargs) -> Iterator:
+    return batches(self, batch_size, **kwargs)
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -99,9 +110,22 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> Split:
   return Split(images[..., None], labels)
 
 
-def load(dataset: str, split: str, data_dir: str | None = None) -> Split:
+def load(dataset: str, split: str, data_dir: str | None = None, *, preprocess: str = "keras",
+         image_size: int = 224, manual_dir: str | None = None):
+  """``split`` ("train" or "test") of ``dataset``.
+
+  Fashion-MNIST comes as an in-memory ``Split``; ImageNet ("imagenet2012":
+  TFDS, "imagenet_folder": an image folder) as a ``fat.imagenet.StreamSplit``
+  preprocessed as ``preprocess`` (a key of ``fat.imagenet.PREPROCESS``) at
+  ``image_size``. Both have ``len``, ``labels``, ``head``, ``sample`` and
+  ``batches``.
+  """
   if dataset == "fashion_mnist":
     return load_fashion_mnist(split, data_dir)
+  if dataset in IMAGENET_SOURCES:
+    from fat import imagenet  # pylint: disable=import-outside-toplevel
+    return imagenet.load(IMAGENET_SOURCES[dataset], split, data_dir,
+                         imagenet.preprocess_for(preprocess, image_size), manual_dir)
   raise DataError(f"unknown dataset {dataset!r}; known: {DATASETS}.")
 
 
@@ -135,8 +159,9 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.nd
 
 def batches(split: Split, batch_size: int, *, seed: int | None = None, epochs: int = 1,
             drop_remainder: bool = False, augment_images: bool = False,
-            labels: bool = True) -> Iterator:
-  """Normalized ``(images, labels)`` (or images alone) batches.
+            labels: bool = True, with_index: bool = False) -> Iterator:
+  """Normalized ``(images, labels)`` batches: images alone with ``labels=False``,
+  ``(images, labels, indices)`` with ``with_index``.
 
   ``seed`` None keeps the order; otherwise each epoch is shuffled by a
   generator seeded once with ``seed``, so a seed fixes the whole stream.
@@ -154,7 +179,10 @@ def batches(split: Split, batch_size: int, *, seed: int | None = None, epochs: i
       if augment_images:
         x = augment(x, rng)
       x = normalize(x)
-      yield (x, split.labels[idx]) if labels else x
+      if with_index:
+        yield x, split.labels[idx], idx
+      else:
+        yield (x, split.labels[idx]) if labels else x
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:

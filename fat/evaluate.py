@@ -17,16 +17,17 @@ def make_predict(apply_fn: Callable) -> Callable:
   return jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), axis=-1))
 
 
-def predict(fn: Callable, variables, split: data.Split, batch_size: int, *,
+def predict(fn: Callable, variables, split, batch_size: int, *,
             desc: str = "eval", progress: bool = True) -> np.ndarray:
-  """Argmax predictions of ``fn`` (from ``make_predict``) over ``split``.
+  """Argmax predictions of ``fn`` (from ``make_predict``) over ``split`` (a
+  ``fat.data.Split`` or ``fat.imagenet.StreamSplit``).
 
   The last partial batch is padded to ``batch_size`` so that one compiled
   function serves the whole split.
   """
   preds = []
   total = data.num_batches(len(split), batch_size)
-  for x, _ in tqdm(data.batches(split, batch_size), total=total, desc=desc,
+  for x, _ in tqdm(split.batches(batch_size), total=total, desc=desc,
                    disable=not progress, leave=False):
     n = len(x)
     if n < batch_size:

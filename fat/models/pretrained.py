@@ -1,0 +1,49 @@
+"""Float models from pretrained weight files the user downloaded (nothing is fetched).
+
+``load(fmt, path, arch)`` returns ``(name, model_kwargs, variables)``, where
+``models.create(name, **model_kwargs)`` rebuilds the model (so checkpoints of
+the quantized model can name it), for:
+
+* ``"keras"``: ``keras.applications.MobileNetV2`` ``.h5`` / ``.keras``;
+* ``"timm"``: timm ``mobilenetv2_100`` / ``mnasnet_100`` safetensors (``arch``);
+* ``"tf_mnasnet"``: the TF-hosted MNASNet checkpoints (tensorflow/tpu).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from fat.checkpoints import CheckpointError
+
+FORMATS = ("keras", "timm", "tf_mnasnet")
+MODEL_FIELDS = ("num_classes", "width", "small_input", "padding", "bn_eps")
+MODEL_NAMES = {"MobileNetV2": "mobilenet_v2", "MNASNet": "mnasnet"}
+
+
+def _exists(fmt: str, path: str) -> bool:
+  if fmt == "tf_mnasnet":  # a prefix (model.ckpt -> model.ckpt.index) or a folder
+    return os.path.isdir(path) or bool(glob.glob(glob.escape(path) + ".index"))
+  return os.path.isfile(path)
+
+
+def load(fmt: str, path: str, arch: str = "") -> tuple[str, dict, dict]:
+  """(model name, model kwargs, {"params", "batch_stats"}) from a pretrained file."""
+  if fmt not in FORMATS:
+    raise ValueError(f"config.pretrained.format must be one of {FORMATS}, got {fmt!r}.")
+  if not path or not _exists(fmt, path):
+    raise CheckpointError(f"pretrained {fmt} weights not found at {path!r}; download them "
+                          "(configs/paper/README.md says from where) and set "
+                          "config.pretrained.path.")
+  # pylint: disable=import-outside-toplevel
+  if fmt == "keras":
+    from fat.models.importers import load_keras_mobilenet_v2
+    model, variables = load_keras_mobilenet_v2(path)
+  elif fmt == "timm":
+    from fat.models.importers import load_timm_safetensors
+    model, variables = load_timm_safetensors(path, arch)
+  else:
+    from fat.models.tf_mnasnet import load_tf_mnasnet
+    model, variables = load_tf_mnasnet(path)
+  kwargs = {f: getattr(model, f) for f in MODEL_FIELDS}
+  return MODEL_NAMES[type(model).__name__], kwargs, variables
