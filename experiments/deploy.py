@@ -118,12 +118,12 @@ def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   flt = evaluate.predict(evaluate.make_predict(fmodel.apply), folded, split, 500, desc="fp32")
   out_dir = os.path.join(workdir, EXPORT_DIR, setting)
   int8_path, fp32_path = os.path.join(out_dir, INT8), os.path.join(out_dir, FP32)
-  ort_int8 = runtime.logits(runtime.session(int8_path), images).argmax(-1)
+  int8_sess, ops = runtime.session_and_ops(int8_path)
+  ort_int8 = runtime.logits(int8_sess, images).argmax(-1)
   ort_fp32 = runtime.logits(runtime.session(fp32_path), images).argmax(-1)
   nodes = graph.trace(qmodel, qvars, images[:2])
   n_int = min(integer_examples, len(split))
   ref = integer.logits(nodes, images[:n_int]).argmax(-1)
-  ops = runtime.executed_ops(int8_path)
   labels = split.labels
   return {
       "setting": setting, "eval_examples": len(split),

@@ -58,7 +58,7 @@ def observe(qmodel: nn.Module, variables: dict, batches: Iterable, *, calibratio
   @jax.jit
   def step(variables, x):
     _, col = cmodel.apply(variables, x, mutable=[CALIB_COLLECTION])
-    flat = traverse_util.flatten_dict(col[CALIB_COLLECTION], sep="/")
+    flat = traverse_util.flatten_dict(col.get(CALIB_COLLECTION, {}), sep="/")
     return {k.rsplit("/", 1)[0]: v[0] for k, v in flat.items()}
 
   out = [step(variables, jnp.asarray(x))
@@ -83,6 +83,8 @@ def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
   stats = observe(qmodel, {"params": variables["params"]}, batches, calibration=method,
                   percentile=percentile, num_batches=num_batches, progress=progress)
   stacked = {k: np.stack([np.asarray(s[k]) for s in stats]) for k in stats[0]}
+  if not stacked:  # no activation quantizers: nothing to calibrate
+    return variables
   if method == "minmax":
     ranges = {k: (v[:, 0].min(), v[:, 1].max()) for k, v in stacked.items()}
   else:

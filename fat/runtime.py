@@ -37,10 +37,16 @@ def logits(sess, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
                          for i in range(0, len(images), batch_size)])
 
 
-def executed_ops(path: str) -> dict[str, int]:
-  """Op-type counts of the graph ORT builds for ``path`` after its optimizations."""
+def session_and_ops(path: str, threads: int = 0):
+  """``(session, op-type counts)``: one CPU session, and the op types of the graph it
+  built after ORT's optimizations (what it really runs)."""
   with tempfile.TemporaryDirectory() as tmp:
     opt = os.path.join(tmp, "optimized.onnx")
-    session(path, optimized_path=opt)
+    sess = session(path, threads, optimized_path=opt)
     graph = onnx.load(opt).graph
-  return dict(sorted(collections.Counter(n.op_type for n in graph.node).items()))
+  return sess, dict(sorted(collections.Counter(n.op_type for n in graph.node).items()))
+
+
+def executed_ops(path: str) -> dict[str, int]:
+  """Op-type counts of the graph ORT builds for ``path`` after its optimizations."""
+  return session_and_ops(path)[1]

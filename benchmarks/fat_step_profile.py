@@ -1,0 +1,117 @@
+"""Where the FAT step's time goes: an ablation of its parts, timed in one process.
+
+  python -m benchmarks.fat_step_profile [--model=mobilenet_v2 --width=1.0 --size=32 --batch=128]
+
+Rows (ms per step, median of ``--repeats`` after warm-up, and the ratio to the
+float train step):
+
+* float train step (BN in train mode, weight gradients, Adam);
+* folded float forward (the teacher);
+* folded float forward + backward to the input (the FAT backward without
+  quantizers: the same transposed convolutions, no weight gradients);
+* quantized forward (W8A8 per-channel);
+* FAT step with weights only / activations only / both quantized (teacher
+  logits cached, as in the main job).
+
+Random weights with random BN statistics; stem stride 2 (ImageNet layout).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from configs import default
+from experiments.train import setting_rules
+from fat import calibrate, float_training, fold, methods, models, rules, schedules
+from fat.layers import TRAINABLE_COLLECTION
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "mobilenet_v2", "mobilenet_v2 or mnasnet.")
+flags.DEFINE_float("width", 1.0, "Width multiplier.")
+flags.DEFINE_integer("size", 32, "Input size (px).")
+flags.DEFINE_integer("batch", 128, "Batch size.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per row (median).")
+
+
+def median_ms(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def main(argv):
+  del argv
+  model = models.create(FLAGS.model, num_classes=10, width=FLAGS.width)
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (FLAGS.batch, FLAGS.size, FLAGS.size, 3))
+  y = jnp.arange(FLAGS.batch) % 10
+  variables = model.init(key, x[:1])
+  stats, tree = jax.tree.flatten(variables["batch_stats"])
+  stats = [jax.random.uniform(k, s.shape, minval=0.5, maxval=1.5)
+           for k, s in zip(jax.random.split(key, len(stats)), stats)]
+  variables = {**variables, "batch_stats": jax.tree.unflatten(tree, stats)}
+  rows = []
+
+  tx = optax.adam(1e-3)
+  step = float_training.make_train_step(model, tx)
+  opt = tx.init(variables["params"])
+  rows.append(("float train step", median_ms(
+      lambda: step(variables["params"], variables["batch_stats"], opt, x, y), FLAGS.repeats)))
+
+  folded = fold.fold_variables(variables, model.bn_eps)
+  fmodel = calibrate.quantized(model, (), stage="folded")
+  teacher_fn = jax.jit(fmodel.apply)
+  rows.append(("folded forward (teacher)", median_ms(lambda: teacher_fn(folded, x),
+                                                     FLAGS.repeats)))
+  input_grad = jax.jit(jax.grad(lambda v, a: jnp.sum(fmodel.apply(v, a) ** 2), argnums=1))
+  rows.append(("folded forward + backward to the input",
+               median_ms(lambda: input_grad(folded, x), FLAGS.repeats)))
+
+  config = default.get_config()
+  setting = config.settings[0]
+  full = setting_rules(setting, config.fat)
+  weight_spec, act_spec = full[-1].weight, full[-1].act
+  variants = {"both": full,
+              "weights only": rules.uniform_rules(weight=weight_spec, act=None),
+              "activations only": rules.uniform_rules(weight=None, act=act_spec)}
+  teacher = teacher_fn(folded, x)
+  fat_tx = schedules.fat_optimizer(config.fat.learning_rate, config.fat.reset_steps)
+  for name, rule_set in variants.items():
+    qmodel = calibrate.quantized(model, rule_set)
+    qvars = calibrate.init_quant_variables(qmodel, folded["params"], x[:1])
+    qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+    if name == "both":
+      fwd = jax.jit(qmodel.apply)
+      rows.append((f"quantized forward ({setting.name})", median_ms(lambda: fwd(qvars, x),
+                                                                    FLAGS.repeats)))
+    fat_step = methods.make_fat_step(qmodel, fat_tx)
+    thresholds = qvars[TRAINABLE_COLLECTION]
+    frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
+    fat_opt = fat_tx.init(thresholds)
+    rows.append((f"FAT step, {name} quantized", median_ms(
+        lambda: fat_step(thresholds, fat_opt, frozen, x, teacher), FLAGS.repeats)))
+
+  base = rows[0][1]
+  print(f"{FLAGS.model} width {FLAGS.width}, {FLAGS.size} px, batch {FLAGS.batch}, "
+        f"backend {jax.default_backend()}; specs: weights {weight_spec.bits}-bit "
+        f"{'per-channel' if weight_spec.per_channel else 'per-tensor'}, activations "
+        f"{act_spec.bits}-bit")
+  print("| part | ms | / float train step |")
+  print("|---|---|---|")
+  for name, ms in rows:
+    print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
