@@ -67,12 +67,17 @@ def mnasnet_torch(width: float, num_classes: int = 10) -> nn.Module:
 
 
 def time_train_step(name: str, width: float, size: int, batch: int, repeats: int):
-  """(first-step seconds, median step seconds) of a float Adam train step on the CPU."""
+  """(first-step seconds, median step seconds) of a float Adam train step on the CPU.
+
+  Channels-last (NHWC) memory layout, oneDNN's fast path for depthwise
+  convolutions: about twice the throughput of the default NCHW here.
+  """
   torch.manual_seed(0)
   model = (mobilenet_v2_torch if name == "mobilenet_v2" else mnasnet_torch)(width)
+  model = model.to(memory_format=torch.channels_last)
   model.train()
   opt = torch.optim.Adam(model.parameters(), 1e-3)
-  x = torch.randn(batch, 3, size, size)
+  x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
   y = torch.arange(batch) % 10
   loss_fn = nn.CrossEntropyLoss()
 

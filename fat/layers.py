@@ -153,7 +153,8 @@ def sow_grid(module: nn.Module, x, qp: quant.QuantParams, spec: quant.QuantSpec,
              with_values: bool = False):
   """Records the integer grid of one quantizer in ``quant_grid``."""
   q, s, z = quant.quantize_int(x, qp, spec)
-  grid = {"step": quant.grid_step(qp, spec), "z": jnp.reshape(z, jnp.shape(qp.alpha)),
+  grid = {"step": jnp.reshape(1.0 / s, jnp.shape(qp.alpha)),
+          "z": jnp.reshape(z, jnp.shape(qp.alpha)),
           "qmin": jnp.asarray(spec.qmin), "qmax": jnp.asarray(spec.qmax)}
   if with_values:
     grid["q"] = q
