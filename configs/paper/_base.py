@@ -6,7 +6,8 @@ downloaded (configs/paper/README.md). Paths are set on the command line:
 ``--config.data_dir`` (TFDS data dir) and ``--config.pretrained.path``.
 
 ``arg="runlocal"`` shrinks everything for a quick run on small or fake data:
-64 px, a handful of images, two FAT steps.
+64 px, a handful of eval and calibration images, one FAT epoch at batch 2 (on a
+4-image train split, as in tests/test_paper.py, two steps).
 """
 
 import ml_collections
