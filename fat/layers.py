@@ -35,13 +35,14 @@ read under ``stop_gradient`` (a constant, as METHOD.md section 1 says).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fat import depthwise, quant, rules
+from fat import depthwise, qlinear, quant, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -162,16 +163,19 @@ def sow_grid(module: nn.Module, x, qp: quant.QuantParams, spec: quant.QuantSpec,
     module.sow(GRID_COLLECTION, name, value)
 
 
-def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
-  """``(kernel_q, step)``: ``kernel`` (output channel last) fake-quantized in
-  "quant" mode, and its grid step per output channel (or per tensor); the step
-  is None when the kernel is not quantized."""
+def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
+  """``(op(x, kernel_q), step)``: ``op`` applied to ``kernel`` (output channel last)
+  fake-quantized in "quant" mode, and the kernel's grid step per output channel
+  (or per tensor); otherwise ``(op(x, kernel), None)``.
+
+  ``op`` is linear in the kernel; ``fat.qlinear`` gives the thresholds their
+  gradients through a forward ``op`` instead of the kernel's gradient.
+  """
   sweep = mode.stage == "calibrate" and mode.calibration == "mse"
-  if mode.stage != "quant" and not sweep:
-    return kernel, None
-  spec = rules.resolve(mode.rules, layer_path(module), "weight")
+  spec = (rules.resolve(mode.rules, layer_path(module), "weight")
+          if mode.stage == "quant" or sweep else None)
   if spec is None:
-    return kernel, None
+    return op(x, kernel.astype(x.dtype)), None
   spec = dataclasses.replace(spec, axis=-1)
   shape = (kernel.shape[-1],) if spec.per_channel else ()
   alpha = module.variable(TRAINABLE_COLLECTION, "alpha", jnp.ones, shape, jnp.float32)
@@ -181,13 +185,13 @@ def quantize_weight(module: nn.Module, kernel, mode: QuantMode):
   if sweep:
     if not module.is_initializing():
       module.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(kernel, qp, spec))
-    return kernel, None
-  kernel_q = quant.fake_quant(kernel, qp, spec)
+    return op(x, kernel.astype(x.dtype)), None
   # Recorded only when the caller makes "intermediates" mutable (tests, export).
-  module.sow("intermediates", "kernel_q", kernel_q)
+  if module.is_mutable_collection("intermediates"):
+    module.sow("intermediates", "kernel_q", quant.fake_quant(kernel, qp, spec))
   if module.is_mutable_collection(GRID_COLLECTION) and not module.is_initializing():
     sow_grid(module, kernel, qp, spec, with_values=True)
-  return kernel_q, quant.grid_step(qp, spec)
+  return qlinear.quantized_linear(x, kernel, qp, spec, op), quant.grid_step(qp, spec)
 
 
 def biased(module: nn.Module, y, features: int, x_step, w_step):
@@ -197,6 +201,15 @@ def biased(module: nn.Module, y, features: int, x_step, w_step):
   if x_step is not None and w_step is not None:
     bias = quant.fake_quant_bias(bias, x_step * w_step)
   return y + bias
+
+
+def _pointwise(x, kernel):
+  return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+
+
+def _conv(x, kernel, strides, pads):
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Conv(nn.Module):
@@ -226,19 +239,17 @@ class Conv(nn.Module):
                        f"{self.features} and {cin}.")
     shape = (k, k, 1 if self.depthwise else cin, self.features)
     kernel = self.param("kernel", nn.initializers.he_normal(), shape, jnp.float32)
-    kernel, w_step = quantize_weight(self, kernel, self.mode)
-    kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if self.depthwise:
-      y = depthwise.depthwise_conv(x, kernel, self.strides, self.padding, self.dw_impl)
+      op = functools.partial(depthwise.depthwise_conv, stride=self.strides,
+                             padding=self.padding, impl=self.dw_impl)
     elif k == 1 and self.strides == 1:
-      y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+      op = _pointwise
     else:
       pads = tuple(depthwise.conv_padding(x.shape[i], k, self.strides, self.padding)
                    for i in (1, 2))
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (self.strides, self.strides), pads,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      op = functools.partial(_conv, strides=self.strides, pads=pads)
+    y, w_step = quantized_apply(self, op, x, kernel, self.mode)
     if self.use_bias:
       y = biased(self, y, self.features, x_step, w_step)
     return y
@@ -254,5 +265,5 @@ class Dense(nn.Module):
   def __call__(self, x, x_step=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (x.shape[-1], self.features), jnp.float32)
-    kernel, w_step = quantize_weight(self, kernel, self.mode)
-    return biased(self, x @ kernel, self.features, x_step, w_step)
+    y, w_step = quantized_apply(self, jnp.matmul, x, kernel, self.mode)
+    return biased(self, y, self.features, x_step, w_step)

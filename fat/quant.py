@@ -203,31 +203,51 @@ def _fake_quant_fwd(x, qp, spec):
   return _forward(x, qp, spec)[0].astype(x.dtype), (x, qp)
 
 
-def _fake_quant_bwd(spec, saved, g):
-  x, qp = saved
+def partials(x: jax.Array, qp: QuantParams, spec: QuantSpec):
+  """``(y, in_range, dy_dalpha, dy_dbeta)`` of ``y = fake_quant(x)``, elementwise.
+
+  The STE derivatives of each output element with respect to its own channel's
+  alpha and beta (float32, the shape of ``x``), and the mask where dy/dx = 1.
+  ``fake_quant``'s backward pass and ``fat.qlinear`` both contract them with a
+  cotangent.
+  """
   _, (xf, y, s, in_range, alpha_c, alpha_live, r, t_low, beta_live) = _forward(x, qp, spec)
-  dtype = g.dtype  # the output cotangent has the input's dtype
-  g = g.astype(jnp.float32)
-  grad_x = jnp.where(in_range, g, 0.0)
   # d y / d s: (x - y)/s in range; (T_l - y)/s saturated (T_l = 0 unless asymmetric).
   dy_ds = jnp.where(in_range, xf - y, t_low - y) / s
   # d s / d alpha = -s / alpha_c while alpha is inside its clip range.
   dy_dalpha = jnp.where(alpha_live, -dy_ds * s / alpha_c, 0.0)
-  axes = _reduce_axes(xf.ndim, spec)
-  grad_alpha = jnp.sum(g * dy_dalpha, axis=axes).reshape(jnp.shape(qp.alpha))
   if spec.kind == "asymmetric":
     # Saturated outputs move with T_l = t_min + beta*R; in-range ones do not.
     dy_dbeta = jnp.where(in_range | ~beta_live, 0.0, r)
-    grad_beta = jnp.sum(g * dy_dbeta, axis=axes).reshape(jnp.shape(qp.beta))
   else:
-    grad_beta = jnp.zeros_like(qp.beta)
-  grads = QuantParams(
+    dy_dbeta = None
+  return y, in_range, dy_dalpha, dy_dbeta
+
+
+def reduce_to_params(grad, qp: QuantParams, spec: QuantSpec, ndim: int):
+  """Sums an elementwise threshold gradient to the shape of ``qp.alpha``."""
+  return jnp.sum(grad, axis=_reduce_axes(ndim, spec)).reshape(jnp.shape(qp.alpha))
+
+
+def threshold_grads(qp: QuantParams, grad_alpha, grad_beta=None) -> QuantParams:
+  """The cotangent of ``qp``: calibration constants get zero."""
+  return QuantParams(
       t_min=jnp.zeros_like(qp.t_min),
       t_max=jnp.zeros_like(qp.t_max),
       alpha=grad_alpha.astype(jnp.result_type(qp.alpha)),
-      beta=grad_beta.astype(jnp.result_type(qp.beta)),
-  )
-  return grad_x.astype(dtype), grads
+      beta=(jnp.zeros_like(qp.beta) if grad_beta is None
+            else grad_beta.astype(jnp.result_type(qp.beta))))
+
+
+def _fake_quant_bwd(spec, saved, g):
+  x, qp = saved
+  _, in_range, dy_dalpha, dy_dbeta = partials(x, qp, spec)
+  dtype = g.dtype  # the output cotangent has the input's dtype
+  g = g.astype(jnp.float32)
+  grad_x = jnp.where(in_range, g, 0.0)
+  grad_alpha = reduce_to_params(g * dy_dalpha, qp, spec, x.ndim)
+  grad_beta = None if dy_dbeta is None else reduce_to_params(g * dy_dbeta, qp, spec, x.ndim)
+  return grad_x.astype(dtype), threshold_grads(qp, grad_alpha, grad_beta)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)

@@ -1,0 +1,71 @@
+"""A linear op on a fake-quantized weight, ``op(x, fake_quant(w))``, pure JAX.
+
+``op`` is any function linear in its second argument: a convolution, a
+depthwise convolution or a matmul. The value and every gradient equal those of
+``op(x, quant.fake_quant(w, qp, spec))`` under autodiff; only the way the
+threshold gradients are computed differs.
+
+Autodiff reaches alpha through the weight gradient dL/dW_q, the costly
+"correlate input with cotangent" pass of a convolution. When the weights are
+frozen, as in threshold training (FAT), that pass is needed for nothing else.
+Linearity gives the same number from a forward op:
+
+  dL/dalpha_c = sum_k dL/dW_q[k, c] * dW_q[k, c]/dalpha_c
+              = sum_(n, c) g[n, c] * op(x, dW_q/dalpha)[n, c]
+
+so the backward pass here runs ``op`` forward on the elementwise derivative
+kernel (``quant.partials``) and multiplies by the cotangent. The weight's own
+gradient (straight-through, masked to the grid's range) is still returned;
+under ``jit`` XLA drops it when nothing uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fat import quant
+
+
+def quantized_linear(x: jax.Array, w: jax.Array, qp: quant.QuantParams,
+                     spec: quant.QuantSpec, op: Callable) -> jax.Array:
+  """``op(x, fake_quant(w, qp, spec).astype(x.dtype))``; ``w``'s channel axis is
+  ``spec.axis`` and must be the last axis of ``op``'s output."""
+  if spec.per_channel and spec.axis % w.ndim != w.ndim - 1:
+    raise ValueError(f"quantized_linear needs the output-channel axis last, got axis "
+                     f"{spec.axis} for a weight of shape {w.shape}.")
+  return _quantized_linear(x, w, quant.QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp)),
+                           spec, op)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _quantized_linear(x, w, qp, spec, op):
+  return op(x, quant.fake_quant(w, qp, spec).astype(x.dtype))
+
+
+def _fwd(x, w, qp, spec, op):
+  return _quantized_linear(x, w, qp, spec, op), (x, w, qp)
+
+
+def _bwd(spec, op, saved, g):
+  x, w, qp = saved
+  wq, in_range, dy_dalpha, dy_dbeta = quant.partials(w, qp, spec)
+  _, op_vjp = jax.vjp(op, x, wq.astype(x.dtype))
+  dx, dwq = op_vjp(g)
+  dw = jnp.where(in_range, dwq.astype(jnp.float32), 0.0).astype(w.dtype)
+
+  def contract(dk):  # sum over everything but the output channel (or all of it)
+    y = op(x, dk.astype(x.dtype)).astype(jnp.float32) * g.astype(jnp.float32)
+    return quant.reduce_to_params(y, qp, out_spec, y.ndim)
+
+  out_spec = dataclasses.replace(spec, axis=-1)
+
+  grad_beta = None if dy_dbeta is None else contract(dy_dbeta)
+  return dx, dw, quant.threshold_grads(qp, contract(dy_dalpha), grad_beta)
+
+
+_quantized_linear.defvjp(_fwd, _bwd)

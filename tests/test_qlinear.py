@@ -1,0 +1,138 @@
+"""``qlinear.quantized_linear`` equals autodiff of ``op(x, fake_quant(w))``.
+
+The reference differentiates the composition directly: the threshold
+gradients flow through the weight gradient dL/dW_q and ``fake_quant``'s own
+backward pass (itself tested against an STE autodiff in test_quant.py). The
+op under test gets them from a forward op on dW_q/dalpha instead.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fat import depthwise, qlinear, quant
+from tests.test_quant import ste_fake_quant
+
+
+def _pointwise(x, w):
+  return jnp.einsum("nhwc,cd->nhwd", x, w[0, 0])
+
+
+def _conv(x, w, stride):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+OPS = {
+    # name: (op, x shape, w shape)
+    "depthwise_shift_s1": (functools.partial(depthwise.depthwise_conv, stride=1,
+                                             padding="same", impl="shift"),
+                           (2, 7, 7, 6), (3, 3, 1, 6)),
+    "depthwise_shift_s2": (functools.partial(depthwise.depthwise_conv, stride=2,
+                                             padding="same", impl="shift"),
+                           (2, 8, 8, 6), (3, 3, 1, 6)),
+    "depthwise_conv": (functools.partial(depthwise.depthwise_conv, stride=1,
+                                         padding="same", impl="conv"),
+                       (2, 6, 6, 5), (3, 3, 1, 5)),
+    "pointwise": (_pointwise, (2, 5, 5, 8), (1, 1, 8, 4)),
+    "conv_s2": (functools.partial(_conv, stride=2), (2, 9, 9, 3), (3, 3, 3, 5)),
+    "matmul": (jnp.matmul, (4, 12), (12, 7)),
+}
+
+
+def _case(name, kind, per_channel, seed=0):
+  op, xs, ws = OPS[name]
+  kx, kw, ka, kb, kg = jax.random.split(jax.random.PRNGKey(seed), 5)
+  x = jax.random.normal(kx, xs, jnp.float32)
+  w = jax.random.normal(kw, ws, jnp.float32) * 0.5
+  spec = quant.QuantSpec(bits=4, kind=kind, per_channel=per_channel, axis=-1)
+  c = ws[-1] if per_channel else None
+  shape = (c,) if per_channel else ()
+  # alpha inside and, for one channel, outside its clip range; beta likewise.
+  alpha = jax.random.uniform(ka, shape, minval=0.55, maxval=0.95)
+  beta = jax.random.uniform(kb, shape, minval=-0.15, maxval=0.35)
+  if per_channel:
+    alpha = alpha.at[0].set(1.2)
+    beta = beta.at[-1].set(0.6)
+  qp = quant.params_from_range(*quant.observed_range(w, spec), spec, alpha, beta)
+  g = jax.random.normal(kg, op(x, w).shape, jnp.float32)
+  return op, x, w, qp, spec, g
+
+
+def _loss(fn, g):
+  return lambda x, w, a, b: jnp.sum(fn(x, w, a, b) * g)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", quant.KINDS)
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_value_and_gradients_match_autodiff(name, kind, per_channel):
+  op, x, w, qp, spec, g = _case(name, kind, per_channel)
+
+  def ours(x, w, a, b):
+    return qlinear.quantized_linear(x, w, qp._replace(alpha=a, beta=b), spec, op)
+
+  def reference(x, w, a, b):
+    return op(x, quant.fake_quant(w, qp._replace(alpha=a, beta=b), spec))
+
+  args = (x, w, qp.alpha, qp.beta)
+  np.testing.assert_array_equal(ours(*args), reference(*args))
+  got = jax.jit(jax.grad(_loss(ours, g), argnums=(0, 1, 2, 3)))(*args)
+  want = jax.jit(jax.grad(_loss(reference, g), argnums=(0, 1, 2, 3)))(*args)
+  for name_, a, b in zip(("x", "w", "alpha", "beta"), got, want):
+    scale = float(jnp.max(jnp.abs(b))) + 1e-6
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=name_)
+  # The test is not vacuous: alpha gets a non-zero gradient, and beta does for
+  # the asymmetric kind; a clipped alpha (channel 0) gets none.
+  assert float(jnp.max(jnp.abs(got[2]))) > 0
+  if kind == "asymmetric":
+    assert float(jnp.max(jnp.abs(got[3]))) > 0
+  else:
+    assert float(jnp.max(jnp.abs(got[3]))) == 0
+  if per_channel:
+    assert float(got[2][0]) == 0.0
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_threshold_gradients_match_ste_reference(kind):
+  """Against test_quant's independent STE autodiff of the METHOD.md formula
+  (round -> identity, clip -> masked), composed with the op."""
+  op, x, w, qp, spec, g = _case("depthwise_shift_s2", kind, True, seed=3)
+  t_min, t_max = qp.t_min, qp.t_max
+  ours = lambda a, b: jnp.sum(g * qlinear.quantized_linear(
+      x, w, qp._replace(alpha=a, beta=b), spec, op))
+  ref = lambda a, b: jnp.sum(g * op(x, ste_fake_quant(w, a, b, t_min, t_max, spec)))
+  got = jax.grad(ours, argnums=(0, 1))(qp.alpha, qp.beta)
+  want = jax.grad(ref, argnums=(0, 1))(qp.alpha, qp.beta)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (float(jnp.max(jnp.abs(b))) + 1e-6))
+
+
+def _conv_windows(fn, *args):
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return [line.split("window={")[1].split("}")[0] for line in text.splitlines()
+          if " convolution(" in line]
+
+
+def test_frozen_weight_gradient_is_not_computed_under_jit():
+  """With the weight frozen, the jitted threshold gradient runs only the
+  forward-shaped convolution (3x3 window, stride 2) on dW_q/dalpha; autodiff
+  of the composition runs the weight-gradient convolution instead."""
+  op, x, w, qp, spec, g = _case("conv_s2", "symmetric", True)
+  ours = lambda a, x, g: jnp.sum(g * qlinear.quantized_linear(
+      x, w, qp._replace(alpha=a), spec, op))
+  ref = lambda a, x, g: jnp.sum(g * op(x, quant.fake_quant(w, qp._replace(alpha=a), spec)))
+  forward = "size=3x3 stride=2x2 pad=1_1x1_1"
+  assert _conv_windows(jax.grad(ours), qp.alpha, x, g) == [forward]
+  ref_windows = _conv_windows(jax.grad(ref), qp.alpha, x, g)
+  assert len(ref_windows) == 1 and ref_windows != [forward]
+
+
+def test_rejects_channel_axis_not_last():
+  op, x, w, qp, spec, _ = _case("matmul", "symmetric", True)
+  bad = quant.QuantSpec(bits=4, per_channel=True, axis=0)
+  with pytest.raises(ValueError, match="output-channel axis last"):
+    qlinear.quantized_linear(x, w, qp, bad, op)
