@@ -265,5 +265,6 @@ class Dense(nn.Module):
   def __call__(self, x, x_step=None):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (x.shape[-1], self.features), jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, kernel.dtype))
     y, w_step = quantized_apply(self, jnp.matmul, x, kernel, self.mode)
     return biased(self, y, self.features, x_step, w_step)

@@ -188,7 +188,11 @@ def _forward(x, qp, spec):
   s, z, alpha_c, alpha_live, r, t_low, beta_live = _grid(qp, xf.ndim, spec)
   v = jnp.round(xf * s) - z
   in_range = (v >= spec.qmin) & (v <= spec.qmax)
-  y = (jnp.clip(v, spec.qmin, spec.qmax) + z) / s
+  # Times the step 1/s rather than divided by s: XLA may turn the division into
+  # a multiply by the reciprocal in one program and not in another (e.g. split
+  # over two devices), and a one-ulp difference here moves later values across
+  # rounding boundaries. This way y == (q + z) * grid_step exactly.
+  y = (jnp.clip(v, spec.qmin, spec.qmax) + z) * (1.0 / s)
   return y, (xf, y, s, in_range, alpha_c, alpha_live, r, t_low, beta_live)
 
 
@@ -288,8 +292,7 @@ def alpha_sweep(x: jax.Array, qp: QuantParams, spec: QuantSpec, num: int = 21):
 
 
 def grid_step(qp: QuantParams, spec: QuantSpec) -> jax.Array:
-  """The grid step ``1/s`` (shape of ``qp.alpha``): ``fake_quant(x) = (q + z) * step``
-  up to float rounding."""
+  """The grid step ``1/s`` (shape of ``qp.alpha``): ``fake_quant(x) == (q + z) * step``."""
   qp = _as_float32(qp)
   s = _grid(qp, np.ndim(qp.alpha), dataclasses.replace(spec, per_channel=False))[0]
   return 1.0 / s
@@ -317,7 +320,7 @@ def fake_quant_bias(bias: jax.Array, step: jax.Array) -> jax.Array:
 def quantize_int(x: jax.Array, qp: QuantParams, spec: QuantSpec):
   """Integer grid indices and the (scale, zero point) mapping them back.
 
-  ``fake_quant(x) == (q + z) / s`` with ``q`` returned here, so
+  ``fake_quant(x) == (q + z) * (1 / s)`` with ``q`` returned here, so
   ``x ≈ (q - zero_point) * step`` where ``step = 1/s`` and
   ``zero_point = -z``. Used by export and the integer reference.
   """

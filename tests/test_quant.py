@@ -252,6 +252,27 @@ def test_forward_dense_grid_levels(kind):
   assert np.all(np.diff(y) >= 0)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_is_exactly_integer_times_step(kind, per_channel):
+  """fake_quant(x) == (q + z) * grid_step bit for bit: the simulation and the
+  integer reference share one dequantization (no divide that XLA may rewrite)."""
+  spec = quant.QuantSpec(bits=8, kind=kind, per_channel=per_channel, axis=-1)
+  x = jnp.asarray(make_x((4, 5, 6), spec, seed=2))
+  qp = quant.init_params(x, spec)._replace(
+      alpha=jnp.full((6,) if per_channel else (), 0.8, jnp.float32))
+  b = lambda p: bshape(p, x.ndim, spec, jnp)
+
+  def dequantized(x, qp):
+    q, _, z = quant.quantize_int(x, qp, spec)
+    return (q + b(z)) * b(quant.grid_step(qp, spec))
+
+  np.testing.assert_array_equal(quant.fake_quant(x, qp, spec), dequantized(x, qp))
+  # Under jit XLA may simplify the reciprocal's arithmetic; it does so alike in both.
+  np.testing.assert_array_equal(jax.jit(quant.fake_quant, static_argnums=2)(x, qp, spec),
+                                jax.jit(dequantized)(x, qp))
+
+
 def test_forward_hand_example_symmetric():
   """Hand-computed 2-bit symmetric case: grid {-1, 0, 1} * T."""
   spec = quant.QuantSpec(bits=2, kind="symmetric")

@@ -99,7 +99,7 @@ def classifier_head(x, num_classes: int, mode: QuantMode):
   Call from inside a compact ``__call__``: the submodules bind to that module.
   Returns the logits.
   """
-  x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))  # bf16 -> f32
   x, step = ActQuant(mode, signed=False, name="pool_q")(x)
   x = Dense(num_classes, mode=mode, name="classifier")(x, step)
   return ActQuant(mode, signed=True, name="logits_q")(x)[0]
