@@ -50,6 +50,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       reset_steps=400,           # N of METHOD.md section 3
       lr_decay=1e-4,
       loss="rmse",               # or "smooth_l1" (the original code's)
+      # Keep the thresholds of the epoch end (or the start) with the lowest
+      # distillation loss on the calibration images, instead of the last ones.
+      keep_best=True,
       alpha_range=(0.5, 1.0),
       beta_range=(-0.2, 0.4),
   ))

@@ -50,6 +50,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name} must be positive and finite, got {lr}.")
   if fat.loss not in methods.LOSSES:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
+  if not isinstance(fat.keep_best, bool):
+    raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
   if config.qat.enabled:
     for name in ("batch_size", "epochs"):
       _positive_int(f"qat.{name}", config.qat[name])

@@ -70,8 +70,13 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
 
 
 def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, writer, tag,
-                     log_every):
-  """FAT: Adam with the cosine-and-reset schedule on alpha/beta only."""
+                     log_every, score=None):
+  """FAT: Adam with the cosine-and-reset schedule on alpha/beta only.
+
+  With ``score`` (variables -> distillation loss on held images) and
+  ``cfg.keep_best``, the thresholds returned are those of the epoch end (or
+  the start) with the lowest score; otherwise the last ones.
+  """
   tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
   step = methods.make_fat_step(qmodel, tx, cfg.loss)
   mesh = parallel.data_mesh()
@@ -86,6 +91,9 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
                              drop_remainder=n >= cfg.batch_size, with_index=True)
   losses, nonfinite, t0 = [], 0, time.time()
   skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
+  select = score is not None and cfg.keep_best
+  scores = [score(qvars)] if select else []
+  best = thresholds
   for i, (x, _, idx) in enumerate(tqdm(stream, total=total, desc=f"FAT {tag}", leave=False), 1):
     thresholds, opt_state, m = step(thresholds, opt_state, frozen, parallel.shard_batch(x, mesh),
                                     parallel.shard_batch(teacher[idx], mesh))
@@ -97,9 +105,17 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
       nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}",
                                       i // steps_per_epoch - 1, "config.fat.learning_rate")
       skipped = jnp.zeros((), jnp.int32)
+      if select:
+        scores.append(score({**qvars, TRAINABLE_COLLECTION: thresholds}))
+        if scores[-1] < min(scores[:-1]):
+          best = thresholds
   jax.block_until_ready(thresholds)
   stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
            "steps": steps_per_epoch * cfg.epochs, "nonfinite_steps": nonfinite}
+  if select:
+    stats["calibration_loss_by_epoch"] = scores  # index 0: before training
+    stats["kept_epoch"] = int(np.argmin(scores))
+    thresholds = best
   return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
 
 
@@ -169,7 +185,7 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   init = min(candidates, key=lambda k: distill(candidates[k]))
   fat_vars, losses, stats = train_thresholds(qmodel, candidates[init], unlabeled, teacher,
                                              config.fat, config.seed, writer, s.name,
-                                             config.log_every)
+                                             config.log_every, score=distill)
   entry["methods"]["fat"] = {**evaluator(predict_q, fat_vars, f"{s.name} fat")[0], **stats,
                              "init": init}
   curves = {"fat": losses}
