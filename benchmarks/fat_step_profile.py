@@ -18,14 +18,13 @@ Random weights with random BN statistics; stem stride 2 (ImageNet layout).
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import timing
 from configs import default
 from experiments.train import setting_rules
 from fat import calibrate, float_training, fold, methods, models, rules, schedules
@@ -40,14 +39,7 @@ flags.DEFINE_integer("repeats", 5, "Timed calls per row (median).")
 
 
 def median_ms(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+  return 1e3 * timing.timed(fn, repeats)[1]
 
 
 def main(argv):

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import timing
 from configs import default
 from experiments.train import setting_rules
 from fat import calibrate, checkpoints, data, evaluate, float_training, fold, methods, models
@@ -36,13 +37,7 @@ flags.DEFINE_integer("seed", 0, "Seed for the subset and batch order.")
 
 
 def median_step_seconds(run, repeats=5):
-  jax.block_until_ready(run())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return timing.timed(run, repeats, warmup=0)[1]
 
 
 def race(name, step, state, batches, predict, make_vars, test, fp32, reference):

@@ -20,14 +20,13 @@ is timed in the same run as the reference.
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks.timing import timed
 from configs import default
 from experiments.train import setting_rules
 from fat import calibrate, float_training, fold, methods, models, schedules
@@ -41,20 +40,6 @@ flags.DEFINE_integer("batch", 128, "Batch size at 32 px.")
 flags.DEFINE_integer("batch_224", 32, "Batch size at 224 px (CPU memory and minutes).")
 flags.DEFINE_integer("repeats", 5, "Timed steps per figure (median).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch reference where torch is installed.")
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-  """(compile-and-first-call seconds, median seconds of ``repeats`` later calls)."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t
-  jax.block_until_ready(fn())  # warm-up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return first, float(np.median(times))
 
 
 def random_stats(variables, key):

@@ -166,15 +166,16 @@ class TFDSBase:
   """TFDS ``imagenet2012`` read in file order, images still encoded.
 
   ``size`` comes from the dataset info; labels are read (one pass over the
-  records, images not decoded) only when asked for.
+  records, images not decoded) only when asked for, or to count the records
+  when the info has no size (``size=None``).
   """
 
   builder: object
   split: str
-  size: int
+  size: int | None
 
   def __len__(self) -> int:
-    return self.size
+    return len(self.labels) if self.size is None else self.size
 
   @functools.cached_property
   def labels(self) -> np.ndarray:
@@ -183,7 +184,7 @@ class TFDSBase:
 
   def records(self, positions: np.ndarray):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    member = np.full(self.size, False)
+    member = np.full(len(self), False)
     member[positions] = True
     member = tf.constant(member)
     ds = self._read().enumerate()
@@ -209,16 +210,15 @@ def tfds_base(split: str, data_dir: str | None, manual_dir: str | None = None) -
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     splits = builder.info.splits
-    if tfds_split in splits:
-      base = TFDSBase(builder, tfds_split, int(splits[tfds_split].num_examples))
-    else:  # info without split sizes (e.g. mocked data): count the records
-      base = TFDSBase(builder, tfds_split, 0)
-      base = TFDSBase(builder, tfds_split, len(base.labels))
+    # Info without split sizes (e.g. mocked data): the records are counted.
+    size = int(splits[tfds_split].num_examples) if tfds_split in splits else None
+    base = TFDSBase(builder, tfds_split, size)
     next(iter(base._read().take(1)), None)  # fails here, not mid-run, if unreadable
+    n = len(base)
   except Exception as e:  # TFDS raises many types for absent or unprepared data
     raise DataError(f"TFDS imagenet2012 {tfds_split!r} cannot be read from data_dir "
                     f"{data_dir!r} ({type(e).__name__}: {e}). To get it: {how}") from e
-  if not len(base):
+  if not n:
     raise DataError(f"TFDS imagenet2012 {tfds_split!r} in {data_dir!r} is empty. {how}")
   return base
 
