@@ -1,5 +1,7 @@
 """FAT threshold training, full QAT steps, the distillation losses and MSE PTQ."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +17,13 @@ def setup():
   model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 1))
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  _, upd = model.clone(bn_momentum=0.0).apply({"params": params, "batch_stats":
-                                               model.init(jax.random.PRNGKey(0), x)["batch_stats"]},
-                                              x, train=True, mutable=["batch_stats"])
+  train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
+                                          mutable=["batch_stats"]))
+  _, upd = train_apply({"params": params, "batch_stats":
+                        model.init(jax.random.PRNGKey(0), x)["batch_stats"]}, x)
   folded = fold.fold_variables({"params": params, **upd}, model.bn_eps)
   fmodel = calibrate.quantized(model, (), stage="folded")
-  teacher = fmodel.apply(folded, x)
+  teacher = jax.jit(fmodel.apply)(folded, x)
   r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
                           act=quant.QuantSpec(bits=4))
   qmodel = calibrate.quantized(model, r)
@@ -53,7 +56,7 @@ def test_fat_lowers_loss_and_trains_only_thresholds(setup):
     thresholds, opt_state, m = step(thresholds, opt_state, frozen, x, teacher)
     first = float(m["loss"]) if first is None else first
   final = float(methods.distillation_loss(
-      qmodel.apply({**frozen, TRAINABLE_COLLECTION: thresholds}, x), teacher))
+      jax.jit(qmodel.apply)({**frozen, TRAINABLE_COLLECTION: thresholds}, x), teacher))
   assert final < 0.9 * first, (first, final)
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                          thresholds, qvars[TRAINABLE_COLLECTION])
