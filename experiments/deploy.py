@@ -15,6 +15,7 @@ import shutil
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from fat import (calibrate, checkpoints, data, evaluate, export_onnx, graph, integer, models,
                  runtime)
@@ -24,6 +25,7 @@ import ml_collections
 
 EXPORT_DIR = "export"
 INT8, FP32 = "model_int8.onnx", "model_fp32.onnx"
+VERIFY_BATCH = 500
 
 
 def setting_names(workdir: str) -> list[str]:
@@ -58,12 +60,6 @@ def eval_split(meta: dict):
                    preprocess=meta.get("preprocess", "keras"),
                    image_size=meta.get("image_size", 224))
   return test.head(meta["eval_examples"])
-
-
-def inputs(split) -> np.ndarray:
-  """All of ``split``'s model inputs in one array (ONNX Runtime and the integer
-  reference take whole arrays)."""
-  return np.concatenate([x for x, _ in split.batches(500)])
 
 
 def export(workdir: str, setting: str | None = None) -> str:
@@ -111,19 +107,28 @@ def verify(workdir: str, integer_examples: int = 1000) -> dict:
 def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   qmodel, qvars, meta = load_setting(workdir, setting)
   split = eval_split(meta)
-  images = inputs(split)
   fmodel = calibrate.quantized(qmodel, (), stage="folded")
   folded = {"params": qvars["params"]}
-  fake = evaluate.predict(evaluate.make_predict(qmodel.apply), qvars, split, 500, desc="fake quant")
-  flt = evaluate.predict(evaluate.make_predict(fmodel.apply), folded, split, 500, desc="fp32")
+  predict = lambda apply, v, desc: evaluate.predict(evaluate.make_predict(apply), v, split,
+                                                    VERIFY_BATCH, desc=desc)
+  fake = predict(qmodel.apply, qvars, "fake quant")
+  flt = predict(fmodel.apply, folded, "fp32")
   out_dir = os.path.join(workdir, EXPORT_DIR, setting)
   int8_path, fp32_path = os.path.join(out_dir, INT8), os.path.join(out_dir, FP32)
   int8_sess, ops = runtime.session_and_ops(int8_path)
-  ort_int8 = runtime.logits(int8_sess, images).argmax(-1)
-  ort_fp32 = runtime.logits(runtime.session(fp32_path), images).argmax(-1)
-  nodes = graph.trace(qmodel, qvars, images[:2])
+  fp32_sess = runtime.session(fp32_path)
+  nodes = graph.trace(qmodel, qvars, next(split.batches(2))[0])
   n_int = min(integer_examples, len(split))
-  ref = integer.logits(nodes, images[:n_int]).argmax(-1)
+  # One streamed pass: no more than a batch of images in memory.
+  ort_int8, ort_fp32, ref = [], [], []
+  for x, _ in tqdm(split.batches(VERIFY_BATCH), total=data.num_batches(len(split), VERIFY_BATCH),
+                   desc="ONNX Runtime", leave=False):
+    ort_int8.append(runtime.logits(int8_sess, x).argmax(-1))
+    ort_fp32.append(runtime.logits(fp32_sess, x).argmax(-1))
+    done = sum(map(len, ref))
+    if done < n_int:
+      ref.append(integer.logits(nodes, x[:n_int - done]).argmax(-1))
+  ort_int8, ort_fp32, ref = (np.concatenate(a) for a in (ort_int8, ort_fp32, ref))
   labels = split.labels
   return {
       "setting": setting, "eval_examples": len(split),

@@ -94,26 +94,25 @@ def _leaves(tree, prefix=""):
       yield f"{prefix}{k}", v
 
 
-def test_same_seed_same_numbers(float_ckpt, tmp_path):
-  cfg = lambda: smoke_config(float_ckpt, settings=[default.setting("w4a8", 4, 8, True)],
-                             ptq_methods=("minmax",), eval_examples=100)
+def test_same_seed_same_numbers_with_qat_baseline(float_ckpt, tmp_path):
+  """Two runs of one config (FAT and the full-QAT baseline) give the same report."""
+  def cfg():
+    config = mobilenet_v2_qat.get_config("smoke")
+    config.model_checkpoint = float_ckpt
+    config.ptq_methods = ("minmax",)
+    config.eval_examples = 100
+    return config
+
   a = train_and_evaluate(cfg(), str(tmp_path / "a"))
   b = train_and_evaluate(cfg(), str(tmp_path / "b"))
-  strip = lambda r: [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
-                      for k, m in s["methods"].items()} for s in r["settings"]]
-  assert strip(a) == strip(b)
-  assert a["fp32"] == b["fp32"]
-
-
-def test_qat_baseline_runs(float_ckpt, tmp_path):
-  config = mobilenet_v2_qat.get_config("smoke")
-  config.model_checkpoint = float_ckpt
-  config.ptq_methods = ("minmax",)
-  config.eval_examples = 100
-  report = train_and_evaluate(config, str(tmp_path))
-  qat = report["settings"][0]["methods"]["qat"]
+  qat = a["settings"][0]["methods"]["qat"]
   assert qat["train_images"] == 240 and qat["epochs"] == 1 and qat["steps"] == 7
   assert 0.0 <= qat["top1_pct"] <= 100.0 and 0.0 <= qat["agreement_pct"] <= 100.0
+  strip = lambda r: [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
+                      for k, m in s["methods"].items()} for s in r["settings"]]
+  assert set(strip(a)[0]) == {"ptq_minmax", "fat", "qat"}
+  assert strip(a) == strip(b)
+  assert a["fp32"] == b["fp32"]
 
 
 def run_main(*args, cwd=REPO):
