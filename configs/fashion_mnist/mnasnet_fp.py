@@ -1,4 +1,4 @@
-"""Float MNASNet-B1 on Fashion-MNIST (SGD with Nesterov momentum): the checkpoint recipe.
+"""Float MNASNet-B1 on Fashion-MNIST: the checkpoint recipe (MobileNet-v2's SGD recipe).
 
 Run:
   python -m experiments.main --config=configs/fashion_mnist/mnasnet_fp.py \
@@ -13,10 +13,6 @@ def get_config(arg: str = ""):
   c = mobilenet_v2_fp.get_config(arg)
   c.model = "mnasnet"
   c.output = "checkpoints/fashion_mnist/mnasnet"
-  c.optimizer = "sgd"
-  c.learning_rate = 0.05
-  c.weight_decay = 5e-4
-  c.bn_momentum = 0.9    # running statistics that keep up with SGD's larger steps
   if arg == "smoke":
     c.width = 0.5
     c.output = "runs/smoke/mnasnet_fp"
