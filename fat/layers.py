@@ -60,6 +60,11 @@ class QuantMode:
   rules: tuple[rules.QuantRule, ...] = ()
   calibration: str = "minmax"
   percentile: float = 99.99
+  # True when the kernels are trained too (full QAT). Weight thresholds then
+  # take their gradient from the kernel gradient, which is computed anyway;
+  # otherwise (FAT) from a forward op, and no kernel gradient is computed
+  # (fat.qlinear).
+  weights_trained: bool = False
 
   def __post_init__(self):
     if self.stage not in STAGES:
@@ -168,8 +173,9 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
   fake-quantized in "quant" mode, and the kernel's grid step per output channel
   (or per tensor); otherwise ``(op(x, kernel), None)``.
 
-  ``op`` is linear in the kernel; ``fat.qlinear`` gives the thresholds their
-  gradients through a forward ``op`` instead of the kernel's gradient.
+  ``op`` is linear in the kernel. Unless ``mode.weights_trained``,
+  ``fat.qlinear`` gives the thresholds their gradients through a forward ``op``
+  instead of the kernel's gradient.
   """
   sweep = mode.stage == "calibrate" and mode.calibration == "mse"
   spec = (rules.resolve(mode.rules, layer_path(module), "weight")
@@ -191,7 +197,11 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
     module.sow("intermediates", "kernel_q", quant.fake_quant(kernel, qp, spec))
   if module.is_mutable_collection(GRID_COLLECTION) and not module.is_initializing():
     sow_grid(module, kernel, qp, spec, with_values=True)
-  return qlinear.quantized_linear(x, kernel, qp, spec, op), quant.grid_step(qp, spec)
+  if mode.weights_trained:
+    y = op(x, quant.fake_quant(kernel, qp, spec).astype(x.dtype))
+  else:
+    y = qlinear.quantized_linear(x, kernel, qp, spec, op)
+  return y, quant.grid_step(qp, spec)
 
 
 def biased(module: nn.Module, y, features: int, x_step, w_step):

@@ -10,6 +10,8 @@ and the optimizer state is reset.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,8 @@ def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str
 def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
   """Full QAT: ``step(trainable, opt_state, frozen, x, labels)`` with
   ``trainable = {"params": ..., "thresholds": ...}`` and cross-entropy on labels."""
+  # The kernels get gradients here, so thresholds reuse them (layers.QuantMode).
+  qmodel = qmodel.clone(mode=dataclasses.replace(qmodel.mode, weights_trained=True))
 
   def loss_fn(trainable, frozen, x, y):
     logits = qmodel.apply({**frozen, **trainable}, x)

@@ -136,3 +136,34 @@ def test_rejects_channel_axis_not_last():
   bad = quant.QuantSpec(bits=4, per_channel=True, axis=0)
   with pytest.raises(ValueError, match="output-channel axis last"):
     qlinear.quantized_linear(x, w, qp, bad, op)
+
+
+def test_model_threshold_gradients_same_with_and_without_weight_training():
+  """A quantized model's threshold gradients are the same whether the layers
+  use qlinear (FAT, kernels frozen) or autodiff through the kernel gradient
+  (``QuantMode.weights_trained``, full QAT). In float64: in float32 the two
+  sum cancelling terms in different orders, which moves small entries."""
+  import dataclasses
+  from fat import calibrate, fold, models, rules
+  from fat.layers import TRAINABLE_COLLECTION
+  with jax.enable_x64(True):
+    model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 1), jnp.float64)
+    folded = fold.fold_variables(jax.jit(model.init)(jax.random.PRNGKey(0), x), model.bn_eps)
+    r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
+                            act=quant.QuantSpec(bits=8))
+    fat_model = calibrate.quantized(model, r)
+    qat_model = fat_model.clone(mode=dataclasses.replace(fat_model.mode, weights_trained=True))
+    qvars = calibrate.init_quant_variables(fat_model, folded["params"], x)
+    qvars = calibrate.calibrate(fat_model, qvars, [x], progress=False)
+    frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
+
+    def grads(m):
+      loss = lambda t: jnp.sum(m.apply({**frozen, TRAINABLE_COLLECTION: t}, x) ** 2)
+      return jax.jit(jax.grad(loss))(qvars[TRAINABLE_COLLECTION])
+
+    a, b = grads(fat_model), grads(qat_model)
+    np.testing.assert_array_equal(fat_model.apply(qvars, x), qat_model.apply(qvars, x))
+  for ga, gb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert float(jnp.linalg.norm(ga - gb)) <= 1e-5 * float(jnp.linalg.norm(gb)) + 1e-9
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(a)) > 0
