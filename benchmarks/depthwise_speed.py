@@ -7,12 +7,11 @@ shapes, for "shift" (hand-written VJP), "shift_autodiff" and the grouped XLA
 "conv". fat.depthwise's "auto" picks "shift" on the CPU and "conv" elsewhere.
 """
 
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import timing
 from fat.depthwise import depthwise_conv
 
 SHAPES = ((128, 28, 28, 96, 1), (128, 14, 14, 192, 1), (128, 14, 14, 192, 2), (128, 7, 7, 576, 1))
@@ -20,13 +19,7 @@ IMPLS = ("shift", "shift_autodiff", "conv")
 
 
 def median_ms(fn, *args, repeats=7):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1000 * float(np.median(times))
+  return 1000 * timing.timed(lambda: fn(*args), repeats, warmup=0)[1]
 
 
 def main():

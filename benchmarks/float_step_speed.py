@@ -6,13 +6,11 @@ one compile) and the minutes that 10 epochs of the 60k train split would take.
   python -m benchmarks.float_step_speed
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from benchmarks import timing
 from fat import float_training, models
 
 CASES = (("mobilenet_v2", 1.0, False), ("mobilenet_v2", 1.0, True), ("mnasnet", 1.0, True))
@@ -26,15 +24,8 @@ def images_per_second(name, width, small_input, batch=128, px=28, repeats=5):
   tx = optax.adam(1e-3)
   step = float_training.make_train_step(model, tx)
   state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-  t = time.perf_counter()
-  jax.block_until_ready(step(*state, x, y))
-  compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(step(*state, x, y))
-    times.append(time.perf_counter() - t)
-  return batch / float(np.median(times)), compile_s
+  compile_s, median_s = timing.timed(lambda: step(*state, x, y), repeats, warmup=0)
+  return batch / median_s, compile_s
 
 
 def main():

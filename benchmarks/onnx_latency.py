@@ -8,12 +8,12 @@ intra-op threads, and the fp32/int8 ratio (> 1: int8 is faster).
 """
 
 import os
-import time
 
 import numpy as np
 import onnx
 from absl import app, flags
 
+from benchmarks import timing
 from fat import runtime
 
 FLAGS = flags.FLAGS
@@ -25,14 +25,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def median_ms(sess, x, repeats):
   name = sess.get_inputs()[0].name
-  for _ in range(3):
-    sess.run(None, {name: x})
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    sess.run(None, {name: x})
-    times.append(time.perf_counter() - t)
-  return 1000 * float(np.median(times))
+  return 1000 * timing.timed(lambda: sess.run(None, {name: x}), repeats, warmup=2)[1]
 
 
 def main(argv):

@@ -8,12 +8,11 @@ Needs torch (``pip install torch==2.13.0`` takes the CPU build on our machines).
 
 from __future__ import annotations
 
-import time
 
-import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import timing
 from fat.models import mnasnet, mobilenet_v2
 
 
@@ -88,13 +87,4 @@ def time_train_step(name: str, width: float, size: int, batch: int, repeats: int
     opt.step()
     return loss.item()
 
-  t = time.perf_counter()
-  step()
-  first = time.perf_counter() - t
-  step()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return first, float(np.median(times))
+  return timing.timed(step, repeats)  # PyTorch on the CPU returns when done
