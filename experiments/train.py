@@ -147,12 +147,29 @@ def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   return {**qvars, **trainable}, losses, stats
 
 
+def range_finder(params, calib: data.Split, config):
+  """``ranges(qmodel, method)``: activation ranges on the calibration images,
+  computed once per method for all settings that quantize the same activations."""
+  cache = {}
+  batch = config.calibration_batch_size
+
+  def ranges(qmodel, method):
+    key = (method, calibrate.observed_key(qmodel.mode.rules))
+    if key not in cache:
+      cache[key] = calibrate.activation_ranges(
+          qmodel, params, (x for x, _ in calib.batches(batch)), method=method,
+          percentile=config.percentile, num_batches=data.num_batches(len(calib), batch))
+    return cache[key]
+  return ranges
+
+
 def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, workdir,
-                model_meta):
+                model_meta, act_ranges):
   """PTQ baselines, FAT and optionally QAT for one setting; returns its report entry.
 
   ``model_meta`` ({"model", "model_kwargs"}) goes into the setting's checkpoint,
-  so that export can rebuild the quantized model from it alone."""
+  so that export can rebuild the quantized model from it alone. ``act_ranges``
+  is a ``range_finder``."""
   unlabeled, calib, train = splits
   qmodel = calibrate.quantized(model, setting_rules(s, config.fat))
   apply_q = jax.jit(qmodel.apply)
@@ -161,11 +178,9 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
                                          next(calib.batches(1))[0])
   calib_batches = lambda: (x for x, _ in calib.batches(config.calibration_batch_size))
   nb = data.num_batches(len(calib), config.calibration_batch_size)
-  candidates = {"ptq_minmax": calibrate.calibrate(qmodel, qvars, calib_batches(), num_batches=nb)}
+  candidates = {"ptq_minmax": calibrate.with_ranges(qvars, act_ranges(qmodel, "minmax"))}
   if "percentile" in config.ptq_methods:
-    candidates["ptq_percentile"] = calibrate.calibrate(
-        qmodel, qvars, calib_batches(), method="percentile", percentile=config.percentile,
-        num_batches=nb)
+    candidates["ptq_percentile"] = calibrate.with_ranges(qvars, act_ranges(qmodel, "percentile"))
   if "mse" in config.ptq_methods:
     candidates["ptq_mse"] = calibrate.mse_search(qmodel, candidates["ptq_minmax"],
                                                  calib_batches(), num_batches=nb)
@@ -241,10 +256,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out["paper"] = config.paper.to_dict()
   thresholds, curves = {}, {}
   qat_train = train.sample(config.qat.train_fraction, config.seed)
+  act_ranges = range_finder(folded["params"], calib, config)
   for s in config.settings:
     entry, fat_vars, c = run_setting(s, config, model, folded, (unlabeled, calib, qat_train),
                                      teacher, evaluator, writer, workdir,
-                                     {"model": name, "model_kwargs": model_kwargs})
+                                     {"model": name, "model_kwargs": model_kwargs}, act_ranges)
     out["settings"].append(entry)
     thresholds[s.name] = fat_vars[TRAINABLE_COLLECTION]
     curves.update({f"{s.name} {k}": [l for _, l in v] for k, v in c.items()})

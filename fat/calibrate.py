@@ -22,8 +22,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from fat.layers import (ACT_COLLECTION, CALIB_COLLECTION, GRID_COLLECTION, TRAINABLE_COLLECTION,
-                        QuantMode)
+from fat.layers import (ACT_COLLECTION, CALIB_COLLECTION, GRID_COLLECTION, INITIAL,
+                        TRAINABLE_COLLECTION, QuantMode)
 
 METHODS = ("minmax", "percentile")
 
@@ -34,16 +34,29 @@ def quantized(model: nn.Module, rules, stage: str = "quant") -> nn.Module:
 
 
 def init_quant_variables(qmodel: nn.Module, folded_params, sample) -> dict:
-  """Variables of ``qmodel``: the folded params, zero ranges, alpha=1, beta=0."""
-  variables = jax.jit(qmodel.init)(jax.random.PRNGKey(0), jnp.asarray(sample[:1]))
-  # Sown records are outputs of one apply, not variables.
-  variables = {k: v for k, v in variables.items()
-               if k not in (GRID_COLLECTION, "intermediates", CALIB_COLLECTION)}
-  expected = jax.tree.map(jnp.shape, variables["params"])
+  """Variables of ``qmodel``: the folded params, zero ranges, alpha=1, beta=0.
+
+  Only shapes come from the model (``jax.eval_shape``, no compile); the
+  quantizer variables start at the constants of ``layers.INITIAL``.
+  """
+  shapes = jax.eval_shape(qmodel.init, jax.random.PRNGKey(0), jnp.asarray(sample[:1]))
+  expected = jax.tree.map(jnp.shape, shapes["params"])
   got = jax.tree.map(jnp.shape, folded_params)
   if expected != got:
     raise ValueError("folded params do not match the quantized model's parameter shapes; "
                      "fold the float variables of the same architecture first.")
+
+  def initial(path, leaf):
+    name = path[-1].key
+    if name not in INITIAL:
+      raise ValueError(f"quantizer variable {jax.tree_util.keystr(path)} has no starting "
+                       f"value; add {name!r} to fat.layers.INITIAL.")
+    return jnp.full(leaf.shape, INITIAL[name], leaf.dtype)
+
+  # Sown records are outputs of one apply, not variables.
+  skip = ("params", GRID_COLLECTION, "intermediates", CALIB_COLLECTION)
+  variables = {k: jax.tree_util.tree_map_with_path(initial, v)
+               for k, v in shapes.items() if k not in skip}
   return {**variables, "params": folded_params}
 
 
@@ -70,25 +83,36 @@ def observe(qmodel: nn.Module, variables: dict, batches: Iterable, *, calibratio
   return out
 
 
-def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
-              method: str = "minmax", percentile: float = 99.99,
-              num_batches: int | None = None, progress: bool = True) -> dict:
-  """``variables`` with activation ranges (``x_min``/``x_max``) from ``batches``.
+def activation_ranges(qmodel: nn.Module, params, batches: Iterable, *,
+                      method: str = "minmax", percentile: float = 99.99,
+                      num_batches: int | None = None, progress: bool = True) -> dict:
+  """``{activation quantizer path: (lo, hi)}`` over ``batches``, from the folded,
+  unquantized network.
 
-  The network runs folded and unquantized. ``method`` is "minmax" or
-  "percentile". alpha/beta are left as they are.
+  The ranges depend on the data, ``method`` and which activations the rules
+  quantize, not on the quantizer specs: settings that quantize the same
+  activations can share them (see ``observed_key``).
   """
   if method not in METHODS:
     raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
-  stats = observe(qmodel, {"params": variables["params"]}, batches, calibration=method,
+  stats = observe(qmodel, {"params": params}, batches, calibration=method,
                   percentile=percentile, num_batches=num_batches, progress=progress)
   stacked = {k: np.stack([np.asarray(s[k]) for s in stats]) for k in stats[0]}
-  if not stacked:  # no activation quantizers: nothing to calibrate
-    return variables
   if method == "minmax":
-    ranges = {k: (v[:, 0].min(), v[:, 1].max()) for k, v in stacked.items()}
-  else:
-    ranges = {k: (v[:, 0].mean(), v[:, 1].mean()) for k, v in stacked.items()}
+    return {k: (float(v[:, 0].min()), float(v[:, 1].max())) for k, v in stacked.items()}
+  return {k: (float(v[:, 0].mean()), float(v[:, 1].mean())) for k, v in stacked.items()}
+
+
+def observed_key(rules) -> tuple:
+  """What ``activation_ranges`` depends on in ``rules``: the patterns of the
+  rules that quantize activations."""
+  return tuple(r.pattern for r in rules if r.act is not None)
+
+
+def with_ranges(variables: dict, ranges: dict) -> dict:
+  """``variables`` with the activation ranges (widened to include 0) written in."""
+  if not ranges:  # no activation quantizers: nothing to calibrate
+    return variables
   flat = traverse_util.flatten_dict(variables[ACT_COLLECTION], sep="/")
   for path, (lo, hi) in ranges.items():
     for name, value in (("x_min", min(lo, 0.0)), ("x_max", max(hi, 0.0))):
@@ -97,6 +121,19 @@ def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
         raise ValueError(f"no {key} in quant_stats: variables and model disagree.")
       flat[key] = jnp.asarray(value, jnp.float32)
   return {**variables, ACT_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
+              method: str = "minmax", percentile: float = 99.99,
+              num_batches: int | None = None, progress: bool = True) -> dict:
+  """``variables`` with activation ranges (``x_min``/``x_max``) from ``batches``.
+
+  The network runs folded and unquantized. ``method`` is "minmax" or
+  "percentile". alpha/beta are left as they are.
+  """
+  ranges = activation_ranges(qmodel, variables["params"], batches, method=method,
+                             percentile=percentile, num_batches=num_batches, progress=progress)
+  return with_ranges(variables, ranges)
 
 
 def mse_search(qmodel: nn.Module, variables: dict, batches: Iterable, *,

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fat import depthwise, qlinear, quant, rules
+from fat import depthwise, order_stats, qlinear, quant, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -50,6 +50,14 @@ ACT_COLLECTION = "quant_stats"
 TRAINABLE_COLLECTION = "thresholds"
 CALIB_COLLECTION = "calibration"
 GRID_COLLECTION = "quant_grid"
+# Starting values of the quantizer variables (alpha=1 keeps the calibrated
+# range). ``calibrate.init_quant_variables`` builds them from this table too.
+INITIAL = {"alpha": 1.0, "beta": 0.0, "x_min": 0.0, "x_max": 0.0}
+
+
+def quant_variable(module: nn.Module, collection: str, name: str, shape=()):
+  """A float32 quantizer variable of ``module``, starting at ``INITIAL[name]``."""
+  return module.variable(collection, name, jnp.full, shape, INITIAL[name], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,7 +113,7 @@ def calibration_stat(x, mode: QuantMode):
   """What a calibration pass records of one activation tensor."""
   xs = jax.lax.stop_gradient(x).astype(jnp.float32)
   if mode.calibration == "percentile":
-    return jnp.percentile(xs.ravel(), jnp.array([100.0 - mode.percentile, mode.percentile]))
+    return order_stats.percentiles(xs, (100.0 - mode.percentile, mode.percentile))
   return jnp.stack([jnp.min(xs), jnp.max(xs)])
 
 
@@ -139,11 +147,11 @@ class ActQuant(nn.Module):
       if not self.is_initializing():
         self.sow(CALIB_COLLECTION, "observed", calibration_stat(x, self.mode))
       return x, None
-    x_min = self.variable(ACT_COLLECTION, "x_min", jnp.zeros, (), jnp.float32)
-    x_max = self.variable(ACT_COLLECTION, "x_max", jnp.zeros, (), jnp.float32)
+    x_min = quant_variable(self, ACT_COLLECTION, "x_min")
+    x_max = quant_variable(self, ACT_COLLECTION, "x_max")
     col = TRAINABLE_COLLECTION if self.trainable else ACT_COLLECTION
-    alpha = self.variable(col, "alpha", jnp.ones, (), jnp.float32)
-    beta = self.variable(col, "beta", jnp.zeros, (), jnp.float32)
+    alpha = quant_variable(self, col, "alpha")
+    beta = quant_variable(self, col, "beta")
     qp = quant.params_from_range(x_min.value, x_max.value, spec, alpha.value, beta.value)
     if sweep:  # the (fixed-range) input keeps its alpha
       if self.trainable and not self.is_initializing():
@@ -184,8 +192,8 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
     return op(x, kernel.astype(x.dtype)), None
   spec = dataclasses.replace(spec, axis=-1)
   shape = (kernel.shape[-1],) if spec.per_channel else ()
-  alpha = module.variable(TRAINABLE_COLLECTION, "alpha", jnp.ones, shape, jnp.float32)
-  beta = module.variable(TRAINABLE_COLLECTION, "beta", jnp.zeros, shape, jnp.float32)
+  alpha = quant_variable(module, TRAINABLE_COLLECTION, "alpha", shape)
+  beta = quant_variable(module, TRAINABLE_COLLECTION, "beta", shape)
   w_min, w_max = quant.observed_range(jax.lax.stop_gradient(kernel), spec)
   qp = quant.params_from_range(w_min, w_max, spec, alpha.value, beta.value)
   if sweep:

@@ -38,7 +38,7 @@ def quantized_linear(x: jax.Array, w: jax.Array, qp: quant.QuantParams,
   if spec.per_channel and spec.axis % w.ndim != w.ndim - 1:
     raise ValueError(f"quantized_linear needs the output-channel axis last, got axis "
                      f"{spec.axis} for a weight of shape {w.shape}.")
-  return _quantized_linear(x, w, quant.QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp)),
+  return _quantized_linear(x, w, quant.as_float32(qp),
                            spec, op)
 
 

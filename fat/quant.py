@@ -151,7 +151,8 @@ def init_params(x: jax.Array, spec: QuantSpec) -> QuantParams:
   return params_from_range(*observed_range(x, spec), spec)
 
 
-def _as_float32(qp) -> QuantParams:
+def as_float32(qp) -> QuantParams:
+  """``qp`` with every field a float32 array (the grid is always float32)."""
   return QuantParams(*(jnp.asarray(p, jnp.float32) for p in qp))
 
 
@@ -262,7 +263,7 @@ def fake_quant(x: jax.Array, qp: QuantParams, spec: QuantSpec) -> jax.Array:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
-  qp = _as_float32(qp)
+  qp = as_float32(qp)
   if spec.per_channel:
     n = x.shape[spec.axis % x.ndim] if x.ndim else None
     for name, p in zip(QuantParams._fields, qp):
@@ -293,7 +294,7 @@ def alpha_sweep(x: jax.Array, qp: QuantParams, spec: QuantSpec, num: int = 21):
 
 def grid_step(qp: QuantParams, spec: QuantSpec) -> jax.Array:
   """The grid step ``1/s`` (shape of ``qp.alpha``): ``fake_quant(x) == (q + z) * step``."""
-  qp = _as_float32(qp)
+  qp = as_float32(qp)
   s = _grid(qp, np.ndim(qp.alpha), dataclasses.replace(spec, per_channel=False))[0]
   return 1.0 / s
 
@@ -325,6 +326,6 @@ def quantize_int(x: jax.Array, qp: QuantParams, spec: QuantSpec):
   ``zero_point = -z``. Used by export and the integer reference.
   """
   xf = jnp.asarray(x, jnp.float32)
-  s, z, *_ = _grid(_as_float32(qp), xf.ndim, spec)
+  s, z, *_ = _grid(as_float32(qp), xf.ndim, spec)
   q = jnp.clip(jnp.round(xf * s) - z, spec.qmin, spec.qmax)
   return q, s, z

@@ -183,6 +183,32 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
 
 
+def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
+  """One calibration pass per method serves every setting that quantizes the same
+  activations, and gives the ranges that setting's own pass would."""
+  from experiments.train import range_finder, setting_rules
+  from fat import calibrate, data, fold, models
+  variables, meta = checkpoints.load(float_ckpt)
+  model = models.create(meta["model"], **meta["model_kwargs"])
+  folded = fold.fold_variables(variables, model.bn_eps)
+  config = default.get_config("smoke")
+  calib = data.load_fashion_mnist("test").take(np.arange(48))
+  passes = []
+  original = calibrate.activation_ranges
+  monkeypatch.setattr(calibrate, "activation_ranges",
+                      lambda *a, **k: passes.append(k["method"]) or original(*a, **k))
+  ranges = range_finder(folded["params"], calib, config)
+  qmodels = [calibrate.quantized(model, setting_rules(s, config.fat)) for s in config.settings]
+  assert len(qmodels) == 2
+  first = {m: ranges(qmodels[0], m) for m in ("minmax", "percentile")}
+  second = {m: ranges(qmodels[1], m) for m in ("minmax", "percentile")}
+  assert passes == ["minmax", "percentile"]
+  assert first == second and first["minmax"] != first["percentile"]
+  own = original(qmodels[1], folded["params"], [x for x, _ in calib.batches(32)],
+                 method="minmax", progress=False)
+  assert second["minmax"] == own and len(own) > 10
+
+
 def run_module(module, *args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,

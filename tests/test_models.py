@@ -311,11 +311,7 @@ RULES16 = (QuantRule(pattern=".*", weight=W16, act=A16),)
 @pytest.fixture(scope="module")
 def calibrated(net):
   qmodel = quantized(net.model, RULES16)
-  # The random init values are discarded (params are replaced by the folded
-  # ones, ranges and factors are constants); the rbg generator only makes the
-  # jit of qmodel.init compile about twice as fast as threefry.
-  with jax.default_prng_impl("unsafe_rbg"):
-    qvars = init_quant_variables(qmodel, net.folded["params"], net.x)
+  qvars = init_quant_variables(qmodel, net.folded["params"], net.x)
   # Two batches of the same data: the running min/max must span both.
   qvars = calibrate(qmodel, qvars, [net.x[:BATCH // 2], net.x[BATCH // 2:]], progress=False)
   return qmodel, qvars
@@ -350,6 +346,19 @@ def test_quant_variable_collections(net, calibrated):
   # Initial values: alpha = 1, beta = 0.
   assert all(np.all(np.asarray(v) == (1.0 if p.endswith("alpha") else 0.0))
              for p, v in th.items())
+
+
+def test_init_quant_variables_equal_model_init(net):
+  """Built from shapes and ``layers.INITIAL``, they equal Flax's own init."""
+  qmodel = quantized(net.model, RULES16)
+  ours = init_quant_variables(qmodel, net.folded["params"], net.x)
+  ref = jax.jit(qmodel.init)(jax.random.PRNGKey(0), net.x[:1])
+  assert set(ours) == {"params"} | (set(ref) - {"params"})
+  for col in set(ours) - {"params"}:
+    assert jax.tree.structure(ours[col]) == jax.tree.structure(ref[col]), col
+    for a, b in zip(jax.tree.leaves(ours[col]), jax.tree.leaves(ref[col])):
+      assert a.dtype == b.dtype and a.shape == b.shape
+      np.testing.assert_array_equal(a, b)
 
 
 def test_calibrated_ranges(net, calibrated):

@@ -6,14 +6,17 @@ backward pass (itself tested against an STE autodiff in test_quant.py). The
 op under test gets them from a forward op on dW_q/dalpha instead.
 """
 
+import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fat import depthwise, qlinear, quant
+from fat import depthwise, layers, qlinear, quant, rules
+from fat.layers import TRAINABLE_COLLECTION
 from tests.test_quant import ste_fake_quant
 
 
@@ -138,25 +141,16 @@ def test_rejects_channel_axis_not_last():
     qlinear.quantized_linear(x, w, qp, bad, op)
 
 
-class _Tiny:
+class _Tiny(nn.Module):
   """Stem conv, depthwise, pointwise and dense layers of ``fat.layers``, weights quantized."""
+  mode: layers.QuantMode
 
-  @staticmethod
-  def make(mode):
-    import flax.linen as nn
-    from fat import layers
-
-    class Tiny(nn.Module):
-      mode: layers.QuantMode
-
-      @nn.compact
-      def __call__(self, x):
-        x = jax.nn.relu(layers.Conv(8, 3, strides=2, mode=self.mode, dtype=x.dtype)(x))
-        x = jax.nn.relu(layers.Conv(8, 3, depthwise=True, mode=self.mode, dtype=x.dtype)(x))
-        x = layers.Conv(6, 1, mode=self.mode, dtype=x.dtype)(x)
-        return layers.Dense(3, mode=self.mode)(jnp.mean(x, axis=(1, 2)))
-
-    return Tiny(mode=mode)
+  @nn.compact
+  def __call__(self, x):
+    x = jax.nn.relu(layers.Conv(8, 3, strides=2, mode=self.mode, dtype=x.dtype)(x))
+    x = jax.nn.relu(layers.Conv(8, 3, depthwise=True, mode=self.mode, dtype=x.dtype)(x))
+    x = layers.Conv(6, 1, mode=self.mode, dtype=x.dtype)(x)
+    return layers.Dense(3, mode=self.mode)(jnp.mean(x, axis=(1, 2)))
 
 
 def test_layer_threshold_gradients_same_with_and_without_weight_training():
@@ -164,15 +158,12 @@ def test_layer_threshold_gradients_same_with_and_without_weight_training():
   (FAT, kernels frozen) or autodiff through the kernel gradient
   (``QuantMode.weights_trained``, full QAT). In float64: in float32 the two
   sum cancelling terms in different orders, which moves small entries."""
-  import dataclasses
-  from fat import layers, rules
-  from fat.layers import TRAINABLE_COLLECTION
   r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True), act=None)
   fat_mode = layers.QuantMode(stage="quant", rules=r)
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 9, 9, 3), jnp.float64)
-    fat_model = _Tiny.make(fat_mode)
-    qat_model = _Tiny.make(dataclasses.replace(fat_mode, weights_trained=True))
+    fat_model = _Tiny(mode=fat_mode)
+    qat_model = _Tiny(mode=dataclasses.replace(fat_mode, weights_trained=True))
     variables = fat_model.init(jax.random.PRNGKey(0), x)
     frozen = {k: v for k, v in variables.items() if k != TRAINABLE_COLLECTION}
     thresholds = jax.tree.map(lambda a: a * 0.8, variables[TRAINABLE_COLLECTION])
