@@ -45,14 +45,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fat = ml_collections.ConfigDict(dict(
       train_fraction=0.1,        # unlabeled share of the train split
       batch_size=100,
-      epochs=3,
+      epochs=2,
       learning_rate=1e-3,
       reset_steps=400,           # N of METHOD.md section 3
       lr_decay=1e-4,
       loss="rmse",               # or "smooth_l1" (the original code's)
-      # Keep the thresholds of the epoch end (or the start) with the lowest
-      # distillation loss on the calibration images, instead of the last ones.
+      # Keep the thresholds with the lowest distillation loss on the
+      # calibration images, scored at the start and every select_every steps
+      # (0: at each epoch end), instead of the last ones.
       keep_best=True,
+      select_every=20,
       alpha_range=(0.5, 1.0),
       beta_range=(-0.2, 0.4),
   ))

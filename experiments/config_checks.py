@@ -50,6 +50,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name} must be positive and finite, got {lr}.")
   if fat.loss not in methods.LOSSES:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
+  if isinstance(fat.select_every, bool) or not isinstance(fat.select_every, int) \
+      or fat.select_every < 0:
+    raise ValueError(f"config.fat.select_every must be an integer >= 0 (0: at each epoch "
+                     f"end), got {fat.select_every!r}.")
   if not isinstance(fat.keep_best, bool):
     raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
   if config.qat.enabled:

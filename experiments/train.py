@@ -74,8 +74,9 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only.
 
   With ``score`` (variables -> distillation loss on held images) and
-  ``cfg.keep_best``, the thresholds returned are those of the epoch end (or
-  the start) with the lowest score; otherwise the last ones.
+  ``cfg.keep_best``, the thresholds are scored at the start, every
+  ``cfg.select_every`` steps (0: at each epoch end) and at the end, and those
+  with the lowest score are returned; otherwise the last ones.
   """
   tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
   step = methods.make_fat_step(qmodel, tx, cfg.loss)
@@ -92,7 +93,8 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   losses, nonfinite, t0 = [], 0, time.time()
   skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
   select = score is not None and cfg.keep_best
-  scores = [score(qvars)] if select else []
+  select_every = cfg.select_every or steps_per_epoch
+  scores = [(0, score(qvars))] if select else []
   best = thresholds
   for i, (x, _, idx) in enumerate(tqdm(stream, total=total, desc=f"FAT {tag}", leave=False), 1):
     thresholds, opt_state, m = step(thresholds, opt_state, frozen, parallel.shard_batch(x, mesh),
@@ -105,16 +107,16 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
       nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}",
                                       i // steps_per_epoch - 1, "config.fat.learning_rate")
       skipped = jnp.zeros((), jnp.int32)
-      if select:
-        scores.append(score({**qvars, TRAINABLE_COLLECTION: thresholds}))
-        if scores[-1] < min(scores[:-1]):
-          best = thresholds
+    if select and (i % select_every == 0 or i == total):
+      scores.append((i, score({**qvars, TRAINABLE_COLLECTION: thresholds})))
+      if scores[-1][1] < min(l for _, l in scores[:-1]):
+        best = thresholds
   jax.block_until_ready(thresholds)
   stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
            "steps": steps_per_epoch * cfg.epochs, "nonfinite_steps": nonfinite}
   if select:
-    stats["calibration_loss_by_epoch"] = scores  # index 0: before training
-    stats["kept_epoch"] = int(np.argmin(scores))
+    stats["calibration_loss_by_step"] = scores  # (step, loss); step 0: before training
+    stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
     thresholds = best
   return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
 

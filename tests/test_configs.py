@@ -43,3 +43,12 @@ def test_validation_rejects_duplicate_setting_names():
   c.settings[1].name = c.settings[0].name
   with pytest.raises(ValueError, match="names must be unique"):
     config_checks.validate(c)
+
+
+def test_validation_rejects_negative_select_every():
+  """(A value of the wrong type is refused by ml_collections on assignment.)"""
+  from configs import default
+  c = default.get_config()
+  c.fat.select_every = -1
+  with pytest.raises(ValueError, match="config.fat.select_every must be an integer >= 0"):
+    config_checks.validate(c)

@@ -62,11 +62,12 @@ def test_report_schema_and_values(smoke_run):
     fat = s["methods"]["fat"]
     assert fat["train_images"] == 240 and fat["epochs"] == 1 and fat["train_seconds"] > 0
     assert fat["init"] in s["methods"]
-    # keep_best: the calibration-set loss before training and after each epoch,
-    # and the thresholds kept are those of its minimum.
-    scores = fat["calibration_loss_by_epoch"]
-    assert len(scores) == fat["epochs"] + 1 and all(np.isfinite(scores))
-    assert fat["kept_epoch"] == int(np.argmin(scores))
+    # keep_best: the calibration-set loss before training, every select_every
+    # steps and at the end; the thresholds kept are those of its minimum.
+    steps, losses = zip(*fat["calibration_loss_by_step"])
+    want = sorted({0, fat["steps"], *range(20, fat["steps"], 20)})
+    assert list(steps) == want and all(np.isfinite(losses))
+    assert fat["kept_step"] == steps[int(np.argmin(losses))]
   w8 = on_disk["settings"][0]["methods"]["ptq_minmax"]["agreement_pct"]
   w4 = on_disk["settings"][1]["methods"]["ptq_minmax"]["agreement_pct"]
   assert w8 >= w4  # 8-bit weights disagree with float no more than 4-bit ones
