@@ -108,7 +108,8 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
                                       i // steps_per_epoch - 1, "config.fat.learning_rate")
       skipped = jnp.zeros((), jnp.int32)
     if select and (i % select_every == 0 or i == total):
-      scores.append((i, score({**qvars, TRAINABLE_COLLECTION: thresholds})))
+      scores.append((i, score({**qvars,
+                               TRAINABLE_COLLECTION: parallel.unreplicate(thresholds)})))
       if scores[-1][1] < min(l for _, l in scores[:-1]):
         best = thresholds
   jax.block_until_ready(thresholds)
@@ -118,7 +119,7 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
     stats["calibration_loss_by_step"] = scores  # (step, loss); step 0: before training
     stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
     thresholds = best
-  return {**qvars, TRAINABLE_COLLECTION: thresholds}, losses, stats
+  return {**qvars, TRAINABLE_COLLECTION: parallel.unreplicate(thresholds)}, losses, stats
 
 
 def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
@@ -146,7 +147,7 @@ def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   jax.block_until_ready(trainable)
   stats = {"train_seconds": time.time() - t0, "train_images": len(train), "epochs": cfg.epochs,
            "steps": total, "nonfinite_steps": nonfinite}
-  return {**qvars, **trainable}, losses, stats
+  return {**qvars, **parallel.unreplicate(trainable)}, losses, stats
 
 
 def range_finder(params, calib: data.Split, config):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -44,6 +45,12 @@ def data_mesh(devices=None) -> Mesh:
 def replicate(tree, mesh: Mesh):
   """``tree`` on every device of ``mesh``."""
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def unreplicate(tree):
+  """A replicated ``tree`` as plain arrays on the default device: functions
+  jitted for unreplicated inputs (evaluation) are then reused, not recompiled."""
+  return jax.tree.map(jnp.asarray, jax.device_get(tree))
 
 
 def shard_batch(x, mesh: Mesh):

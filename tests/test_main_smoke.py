@@ -163,6 +163,7 @@ def test_unknown_model_in_float_job(tmp_path):
 
 def test_all_nan_epoch_is_an_error(float_ckpt):
   """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
+  import jax
   from clu import metric_writers
   from experiments.train import setting_rules, train_thresholds
   from fat import calibrate, data, fold, models
@@ -180,8 +181,14 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   with pytest.raises(FloatingPointError, match="every step of epoch 1 gave a non-finite"):
     train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
   teacher[:] = 0.0
-  _, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
+  apply = jax.jit(qmodel.apply)
+  apply(qvars, x[:8])
+  trained, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer,
+                                       "t", 1)
   assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
+  # The trained variables come back unreplicated: evaluation reuses its compile.
+  apply(trained, x[:8])
+  assert apply._cache_size() == 1
 
 
 def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
