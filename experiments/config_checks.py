@@ -54,6 +54,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       or fat.select_every < 0:
     raise ValueError(f"config.fat.select_every must be an integer >= 0 (0: at each epoch "
                      f"end), got {fat.select_every!r}.")
+  if isinstance(fat.patience, bool) or not isinstance(fat.patience, int) or fat.patience < 0:
+    raise ValueError(f"config.fat.patience must be an integer >= 0 (0: no early stop), "
+                     f"got {fat.patience!r}.")
+  if fat.patience and not fat.keep_best:
+    raise ValueError("config.fat.patience needs config.fat.keep_best=True (early stopping "
+                     "uses its scores); set patience=0 or keep_best=True.")
   if not isinstance(fat.keep_best, bool):
     raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
   if config.qat.enabled:

@@ -8,6 +8,7 @@ quantized variables (``checkpoints/<setting>``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -69,6 +70,21 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
   return skipped
 
 
+@functools.lru_cache(maxsize=4)
+def fat_update(qmodel, learning_rate: float, reset_steps: int, lr_decay: float, loss: str):
+  """(optimizer, jitted FAT step) for one quantized model and recipe, built once
+  per process, so that repeated runs of one setting reuse the compiled step."""
+  tx = schedules.fat_optimizer(learning_rate, reset_steps, lr_decay)
+  return tx, methods.make_fat_step(qmodel, tx, loss)
+
+
+@functools.lru_cache(maxsize=4)
+def qat_update(qmodel, learning_rate: float):
+  """(optimizer, jitted QAT step), built once per process like ``fat_update``."""
+  tx = optax.adam(learning_rate)
+  return tx, methods.make_qat_step(qmodel, tx)
+
+
 def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, writer, tag,
                      log_every, score=None):
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only.
@@ -76,10 +92,11 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   With ``score`` (variables -> distillation loss on held images) and
   ``cfg.keep_best``, the thresholds are scored at the start, every
   ``cfg.select_every`` steps (0: at each epoch end) and at the end, and those
-  with the lowest score are returned; otherwise the last ones.
+  with the lowest score are returned; otherwise the last ones. With
+  ``cfg.patience`` > 0, training stops early after that many scores in a row
+  that do not beat the best one.
   """
-  tx = schedules.fat_optimizer(cfg.learning_rate, cfg.reset_steps, cfg.lr_decay)
-  step = methods.make_fat_step(qmodel, tx, cfg.loss)
+  tx, step = fat_update(qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss)
   mesh = parallel.data_mesh()
   thresholds = qvars[TRAINABLE_COLLECTION]
   frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
@@ -95,26 +112,29 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   select = score is not None and cfg.keep_best
   select_every = cfg.select_every or steps_per_epoch
   scores = [(0, score(qvars))] if select else []
-  best = thresholds
+  best, since_best, i = thresholds, 0, 0
   for i, (x, _, idx) in enumerate(tqdm(stream, total=total, desc=f"FAT {tag}", leave=False), 1):
     thresholds, opt_state, m = step(thresholds, opt_state, frozen, parallel.shard_batch(x, mesh),
                                     parallel.shard_batch(teacher[idx], mesh))
     skipped = skipped + (~m["finite"]).astype(jnp.int32)
-    if i % log_every == 0 or i == total:
+    scoring = select and (i % select_every == 0 or i == total)
+    if i % log_every == 0 or i == total or scoring:
       losses.append((i, float(m["loss"])))
       writer.write_scalars(i, {f"{tag}/fat_loss": losses[-1][1]})
     if i % steps_per_epoch == 0:
       nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"FAT {tag}",
                                       i // steps_per_epoch - 1, "config.fat.learning_rate")
       skipped = jnp.zeros((), jnp.int32)
-    if select and (i % select_every == 0 or i == total):
+    if scoring:
       scores.append((i, score({**qvars,
                                TRAINABLE_COLLECTION: parallel.unreplicate(thresholds)})))
-      if scores[-1][1] < min(l for _, l in scores[:-1]):
-        best = thresholds
+      improved = scores[-1][1] < min(l for _, l in scores[:-1])
+      best, since_best = (thresholds, 0) if improved else (best, since_best + 1)
+      if cfg.patience and since_best >= cfg.patience:
+        break
   jax.block_until_ready(thresholds)
   stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
-           "steps": steps_per_epoch * cfg.epochs, "nonfinite_steps": nonfinite}
+           "steps": i, "nonfinite_steps": nonfinite}
   if select:
     stats["calibration_loss_by_step"] = scores  # (step, loss); step 0: before training
     stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
@@ -124,8 +144,7 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
 
 def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   """Full-QAT baseline: params and thresholds, labels, cross-entropy, Adam."""
-  tx = optax.adam(cfg.learning_rate)
-  step = methods.make_qat_step(qmodel, tx)
+  tx, step = qat_update(qmodel, cfg.learning_rate)
   mesh = parallel.data_mesh()
   trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
   frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
@@ -189,9 +208,9 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
                                                  calib_batches(), num_batches=nb)
   entry = {k: s[k] for k in ("name", "weight_bits", "act_bits", "per_channel", "weight_kind",
                              "act_kind")}
-  entry["methods"] = {}
+  entry["methods"], preds = {}, {}
   for name, v in candidates.items():
-    entry["methods"][name] = evaluator(predict_q, v, f"{s.name} {name}")[0]
+    entry["methods"][name], preds[name] = evaluator(predict_q, v, f"{s.name} {name}")
   others = [k for k in candidates if k != "ptq_minmax"] or ["ptq_minmax"]
   entry["best_ptq"] = max(others, key=lambda k: entry["methods"][k]["top1_pct"])
   # FAT starts from the PTQ variant with the lowest distillation loss on the
@@ -204,14 +223,21 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   fat_vars, losses, stats = train_thresholds(qmodel, candidates[init], unlabeled, teacher,
                                              config.fat, config.seed, writer, s.name,
                                              config.log_every, score=distill)
-  entry["methods"]["fat"] = {**evaluator(predict_q, fat_vars, f"{s.name} fat")[0], **stats,
-                             "init": init}
+  fat_metrics, preds["fat"] = evaluator(predict_q, fat_vars, f"{s.name} fat")
+  entry["methods"]["fat"] = {**fat_metrics, **stats, "init": init}
   curves = {"fat": losses}
   if config.qat.enabled:
     qat_vars, qlosses, qstats = train_qat(qmodel, candidates["ptq_minmax"], train, config.qat,
                                           config.seed, writer, s.name, config.log_every)
-    entry["methods"]["qat"] = {**evaluator(predict_q, qat_vars, f"{s.name} qat")[0], **qstats}
+    qat_metrics, preds["qat"] = evaluator(predict_q, qat_vars, f"{s.name} qat")
+    entry["methods"]["qat"] = {**qat_metrics, **qstats}
     curves["qat"] = qlosses
+  for name in (k for k in preds if k != "fat"):
+    # Is FAT's top-1 difference from this method more than chance? (paired, exact)
+    t = evaluate.mcnemar(preds["fat"], preds[name], evaluator.test.labels)
+    entry["methods"][name]["vs_fat"] = {"fat_only_correct": t["a_only_correct"],
+                                        "method_only_correct": t["b_only_correct"],
+                                        "p_value": t["p_value"]}
   checkpoints.save(os.path.join(workdir, "checkpoints", s.name), fat_vars,
                    {"setting": entry["name"], "config": s.to_dict(),
                     "fat": config.fat.to_dict(), **model_meta,

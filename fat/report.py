@@ -71,6 +71,11 @@ def validate_report(report: dict) -> None:
         _check(method, key, _PCT, f"{where}.methods.{name}")
       for key in (k for k in TRAIN_FIELDS if method.get(k) is not None):
         _check(method, key, _NUM, f"{where}.methods.{name}")
+      if method.get("vs_fat") is not None:
+        test = _check(method, "vs_fat", _DICT, f"{where}.methods.{name}")
+        for key in ("fat_only_correct", "method_only_correct"):
+          _check(test, key, _INT, f"{where}.methods.{name}.vs_fat")
+        _check(test, "p_value", _NUM, f"{where}.methods.{name}.vs_fat")
     if setting["best_ptq"] not in methods:
       raise ValueError(f"report: field '{where}.best_ptq' names {setting['best_ptq']!r},"
                        f" which is not among its methods {sorted(methods)}")
@@ -121,6 +126,9 @@ def _row(setting: Mapping, name: str, fp32: float) -> str:
            label, f"{m['top1_pct']:.2f}", f"{m['agreement_pct']:.2f}",
            f"{m['top1_pct'] - fp32:+.2f}"]
   cells += [_fmt(m.get(key)) for key in TRAIN_FIELDS]
+  t = m.get("vs_fat")
+  cells.append(f"{t['fat_only_correct']} / {t['method_only_correct']}, p = {t['p_value']:.2g}"
+               if t else "")
   return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
@@ -133,14 +141,17 @@ def format_markdown(report: dict) -> str:
            "| model | width | dataset | eval_examples | fp32 top-1 % |", "|---|---|---|---|---|",
            "| " + " | ".join(_cell(c) for c in summary) + " |", ""]
   header = ["setting", "W bits", "A bits", "per-channel", "weight kind", "act kind", "method",
-            "top-1 %", "agreement %", "Δ vs fp32 (pt)", "train seconds", "train images", "epochs"]
+            "top-1 %", "agreement %", "Δ vs fp32 (pt)", "train seconds", "train images", "epochs",
+            "FAT vs method"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for setting in report["settings"]:
     ms = setting["methods"]  # known methods in canonical order, then any others
     order = [m for m in METHOD_ORDER if m in ms] + [m for m in ms if m not in METHOD_ORDER]
     lines += [_row(setting, name, fp32) for name in order]
   lines += ["", "**bold** marks the best PTQ method of each setting; training columns are"
-            " blank for methods without training."]
+            " blank for methods without training. FAT vs method: eval images only FAT gets"
+            " right / only the method gets right, and the exact McNemar p-value of the"
+            " difference (small p: unlikely to be chance)."]
   return "\n".join(lines) + "\n"
 
 

@@ -52,3 +52,14 @@ def test_validation_rejects_negative_select_every():
   c.fat.select_every = -1
   with pytest.raises(ValueError, match="config.fat.select_every must be an integer >= 0"):
     config_checks.validate(c)
+
+
+def test_validation_rejects_bad_patience():
+  from configs import default
+  c = default.get_config()
+  c.fat.patience = -1
+  with pytest.raises(ValueError, match="config.fat.patience must be an integer >= 0"):
+    config_checks.validate(c)
+  c.fat.patience, c.fat.keep_best = 2, False
+  with pytest.raises(ValueError, match="config.fat.patience needs config.fat.keep_best=True"):
+    config_checks.validate(c)

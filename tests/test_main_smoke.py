@@ -60,6 +60,13 @@ def test_report_schema_and_values(smoke_run):
       # Percentages of 200 images are multiples of 0.5.
       assert (m["top1_pct"] * 2).is_integer()
     fat = s["methods"]["fat"]
+    for name in ("ptq_minmax", "ptq_percentile", "ptq_mse"):
+      # The paired test's discordant counts explain the top-1 difference exactly.
+      t = s["methods"][name]["vs_fat"]
+      diff = (t["fat_only_correct"] - t["method_only_correct"]) * 100 / 200
+      assert diff == pytest.approx(fat["top1_pct"] - s["methods"][name]["top1_pct"])
+      assert 0.0 < t["p_value"] <= 1.0
+    assert "vs_fat" not in fat
     assert fat["train_images"] == 240 and fat["epochs"] == 1 and fat["train_seconds"] > 0
     assert fat["init"] in s["methods"]
     # keep_best: the calibration-set loss before training, every select_every
@@ -161,11 +168,9 @@ def test_unknown_model_in_float_job(tmp_path):
   assert r.returncode != 0 and "unknown model 'resnet'" in r.stderr, r.stderr[-2000:]
 
 
-def test_all_nan_epoch_is_an_error(float_ckpt):
-  """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
-  import jax
-  from clu import metric_writers
-  from experiments.train import setting_rules, train_thresholds
+def _calibrated_smoke_model(float_ckpt):
+  """(config, quantized model, calibrated variables, 64 test images, their inputs)."""
+  from experiments.train import setting_rules
   from fat import calibrate, data, fold, models
   variables, meta = checkpoints.load(float_ckpt)
   model = models.create(meta["model"], **meta["model_kwargs"])
@@ -176,6 +181,15 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   x = data.normalize(images.images)
   qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
   qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+  return config, qmodel, qvars, images, x
+
+
+def test_all_nan_epoch_is_an_error(float_ckpt):
+  """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
+  import jax
+  from clu import metric_writers
+  from experiments.train import train_thresholds
+  config, qmodel, qvars, images, x = _calibrated_smoke_model(float_ckpt)
   teacher = np.full((64, 10), np.nan, np.float32)
   writer = metric_writers.create_default_writer(None, just_logging=True)
   with pytest.raises(FloatingPointError, match="every step of epoch 1 gave a non-finite"):
@@ -189,6 +203,41 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   # The trained variables come back unreplicated: evaluation reuses its compile.
   apply(trained, x[:8])
   assert apply._cache_size() == 1
+
+
+def test_early_stop_keeps_best_thresholds(float_ckpt):
+  """With patience p, FAT stops after p scores in a row without a new best and
+  returns the thresholds that were scored best."""
+  import jax
+  from clu import metric_writers
+  from experiments.train import train_thresholds
+  from fat.layers import TRAINABLE_COLLECTION
+  config, qmodel, qvars, images, _ = _calibrated_smoke_model(float_ckpt)
+  config.fat.epochs, config.fat.select_every, config.fat.patience = 4, 1, 2
+  teacher = np.zeros((64, 10), np.float32)
+  # Scores at steps 0, 1, 2, ...: a new best at step 2, then two worse ones.
+  fake_scores = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
+  seen = []
+
+  def score(v):
+    seen.append(jax.tree.map(np.asarray, v[TRAINABLE_COLLECTION]))
+    return next(fake_scores)
+
+  writer = metric_writers.create_default_writer(None, just_logging=True)
+  trained, losses, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0,
+                                            writer, "t", 100, score=score)
+  assert stats["steps"] == 4 and stats["kept_step"] == 2
+  assert [s for s, _ in stats["calibration_loss_by_step"]] == [0, 1, 2, 3, 4]
+  assert losses[-1][0] == 4  # the loss curve ends where training stopped
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(np.asarray, trained[TRAINABLE_COLLECTION]), seen[2])
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seen[2]),
+                                                     jax.tree.leaves(seen[4])))
+  config.fat.patience = 0  # no early stop: all 8 steps run
+  fake_scores = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
+  _, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t",
+                                 100, score=score)
+  assert stats["steps"] == 8 and stats["kept_step"] == 8
 
 
 def test_settings_share_activation_ranges(float_ckpt, monkeypatch):

@@ -22,7 +22,10 @@ def make_report():
       "settings": [
           {"name": "w8a8_pc", "weight_bits": 8, "act_bits": 8, "per_channel": True,
            "weight_kind": "symmetric", "act_kind": "asymmetric", "best_ptq": "ptq_mse",
-           "methods": {"ptq_minmax": ptq(92.35, 97.126), "ptq_percentile": ptq(92.9, 98.0),
+           "methods": {"ptq_minmax": {**ptq(92.35, 97.126), "vs_fat": {
+                           "fat_only_correct": 12, "method_only_correct": 23,
+                           "p_value": 0.0895}},
+                       "ptq_percentile": ptq(92.9, 98.0),
                        "ptq_mse": ptq(93.01, 98.5), "fat": trained(93.27, 99.0, 41.5)}},
           {"name": "w4a8_pt", "weight_bits": 4, "act_bits": 8, "per_channel": False,
            "weight_kind": "symmetric", "act_kind": "asymmetric", "best_ptq": "ptq_minmax",
@@ -75,7 +78,9 @@ def test_report_markdown_contents(tmp_path):
     assert text in md, text
   rows = [l for l in md.splitlines() if l.startswith("| w")]
   assert len(rows) == 7
-  assert rows[0].split(" | ")[-3:] == ["", "", " |"]  # PTQ rows leave training columns blank
+  # PTQ rows leave training columns blank; the last cell compares with FAT.
+  assert rows[0].split(" | ")[-4:] == ["", "", "", "12 / 23, p = 0.089 |"]
+  assert rows[1].endswith("|  |")  # no comparison recorded for this method
 
 
 def test_report_handles_missing_optional_fields(tmp_path):
@@ -109,6 +114,8 @@ def test_invalid_report_is_not_written(tmp_path):
     (lambda r: r["settings"][0].update(per_channel="yes"), "settings[0].per_channel"),
     (lambda r: r.update(eval_examples=True), "eval_examples"),
     (lambda r: r["settings"][0].update(best_ptq="ptq_nope"), "settings[0].best_ptq"),
+    (lambda r: r["settings"][0]["methods"]["ptq_minmax"]["vs_fat"].pop("p_value"),
+     "settings[0].methods.ptq_minmax.vs_fat.p_value"),
 ])
 def test_validate_report_names_the_field(mutate, field):
   report = make_report()

@@ -50,6 +50,7 @@ def paper_config(net: str, *, per_channel: bool, asymmetric: bool, paper_top1: f
   c.fat.epochs = 6             # 5-8 in the paper
   c.fat.learning_rate = 1e-3
   c.fat.select_every = 0       # keep_best scores at epoch ends: 512 images at 224 px
+  c.fat.patience = 0           # the paper trains every epoch
   c.log_every = 100
   if arg == "runlocal":
     c.image_size = 64
