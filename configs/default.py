@@ -56,7 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       keep_best=True,
       select_every=20,
       # Stop after this many scores in a row without a new best (0: never).
-      patience=2,
+      patience=3,
       alpha_range=(0.5, 1.0),
       beta_range=(-0.2, 0.4),
   ))

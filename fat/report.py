@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 REQUIRED_METHODS = ("ptq_minmax", "fat")
 METHOD_ORDER = ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat", "qat")
-TRAIN_FIELDS = ("train_seconds", "train_images", "epochs")
+TRAIN_FIELDS = ("train_seconds", "train_images", "epochs", "steps")
 MAX_TICKS = 60
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "a boolean"
@@ -142,7 +142,7 @@ def format_markdown(report: dict) -> str:
            "| " + " | ".join(_cell(c) for c in summary) + " |", ""]
   header = ["setting", "W bits", "A bits", "per-channel", "weight kind", "act kind", "method",
             "top-1 %", "agreement %", "Δ vs fp32 (pt)", "train seconds", "train images", "epochs",
-            "FAT vs method"]
+            "steps", "FAT vs method"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for setting in report["settings"]:
     ms = setting["methods"]  # known methods in canonical order, then any others

@@ -15,7 +15,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def make_report():
   ptq = lambda top1, agree: {"top1_pct": top1, "agreement_pct": agree}
   trained = lambda top1, agree, secs: {"top1_pct": top1, "agreement_pct": agree,
-                                       "train_seconds": secs, "train_images": 12800, "epochs": 2}
+                                       "train_seconds": secs, "train_images": 12800, "epochs": 2,
+                                       "steps": 250}
   return {
       "model": "mobilenet_v2", "width": 1.0, "dataset": "fashion_mnist", "eval_examples": 10000,
       "fp32": {"top1_pct": 93.5},
@@ -74,12 +75,13 @@ def test_report_markdown_contents(tmp_path):
     for method in setting["methods"]:
       assert method in md
   for text in ("mobilenet_v2", "fashion_mnist", "10000", "93.50", "92.35", "97.13", "-1.15",
-               "89.12", "41.50", "12800", "**ptq_mse** (best PTQ)", "**ptq_minmax** (best PTQ)"):
+               "89.12", "41.50", "12800", "| 2 | 250 |", "**ptq_mse** (best PTQ)",
+               "**ptq_minmax** (best PTQ)"):
     assert text in md, text
   rows = [l for l in md.splitlines() if l.startswith("| w")]
   assert len(rows) == 7
   # PTQ rows leave training columns blank; the last cell compares with FAT.
-  assert rows[0].split(" | ")[-4:] == ["", "", "", "12 / 23, p = 0.089 |"]
+  assert rows[0].split(" | ")[-5:] == ["", "", "", "", "12 / 23, p = 0.089 |"]
   assert rows[1].endswith("|  |")  # no comparison recorded for this method
 
 
