@@ -112,7 +112,7 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   select = score is not None and cfg.keep_best
   select_every = cfg.select_every or steps_per_epoch
   scores = [(0, score(qvars))] if select else []
-  best, since_best, i = thresholds, 0, 0
+  best, since_best, i = qvars[TRAINABLE_COLLECTION], 0, 0  # best: unreplicated
   for i, (x, _, idx) in enumerate(tqdm(stream, total=total, desc=f"FAT {tag}", leave=False), 1):
     thresholds, opt_state, m = step(thresholds, opt_state, frozen, parallel.shard_batch(x, mesh),
                                     parallel.shard_batch(teacher[idx], mesh))
@@ -126,10 +126,10 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
                                       i // steps_per_epoch - 1, "config.fat.learning_rate")
       skipped = jnp.zeros((), jnp.int32)
     if scoring:
-      scores.append((i, score({**qvars,
-                               TRAINABLE_COLLECTION: parallel.unreplicate(thresholds)})))
+      current = parallel.unreplicate(thresholds)
+      scores.append((i, score({**qvars, TRAINABLE_COLLECTION: current})))
       improved = scores[-1][1] < min(l for _, l in scores[:-1])
-      best, since_best = (thresholds, 0) if improved else (best, since_best + 1)
+      best, since_best = (current, 0) if improved else (best, since_best + 1)
       if cfg.patience and since_best >= cfg.patience:
         break
   jax.block_until_ready(thresholds)
@@ -138,8 +138,8 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   if select:
     stats["calibration_loss_by_step"] = scores  # (step, loss); step 0: before training
     stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
-    thresholds = best
-  return {**qvars, TRAINABLE_COLLECTION: parallel.unreplicate(thresholds)}, losses, stats
+  trained = best if select else parallel.unreplicate(thresholds)
+  return {**qvars, TRAINABLE_COLLECTION: trained}, losses, stats
 
 
 def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
@@ -169,18 +169,24 @@ def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   return {**qvars, **parallel.unreplicate(trainable)}, losses, stats
 
 
+def calibration_images(calib: data.Split, batch_size: int) -> dict:
+  """Keyword arguments ``batches`` (a fresh generator) and ``num_batches`` for
+  one pass over the calibration images."""
+  return {"batches": (x for x, _ in calib.batches(batch_size)),
+          "num_batches": data.num_batches(len(calib), batch_size)}
+
+
 def range_finder(params, calib: data.Split, config):
   """``ranges(qmodel, method)``: activation ranges on the calibration images,
   computed once per method for all settings that quantize the same activations."""
   cache = {}
-  batch = config.calibration_batch_size
 
   def ranges(qmodel, method):
     key = (method, calibrate.observed_key(qmodel.mode.rules))
     if key not in cache:
       cache[key] = calibrate.activation_ranges(
-          qmodel, params, (x for x, _ in calib.batches(batch)), method=method,
-          percentile=config.percentile, num_batches=data.num_batches(len(calib), batch))
+          qmodel, params, method=method, percentile=config.percentile,
+          **calibration_images(calib, config.calibration_batch_size))
     return cache[key]
   return ranges
 
@@ -198,14 +204,13 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
   predict_q = evaluate.make_predict(qmodel.apply)
   qvars = calibrate.init_quant_variables(qmodel, folded["params"],
                                          next(calib.batches(1))[0])
-  calib_batches = lambda: (x for x, _ in calib.batches(config.calibration_batch_size))
-  nb = data.num_batches(len(calib), config.calibration_batch_size)
   candidates = {"ptq_minmax": calibrate.with_ranges(qvars, act_ranges(qmodel, "minmax"))}
   if "percentile" in config.ptq_methods:
     candidates["ptq_percentile"] = calibrate.with_ranges(qvars, act_ranges(qmodel, "percentile"))
   if "mse" in config.ptq_methods:
-    candidates["ptq_mse"] = calibrate.mse_search(qmodel, candidates["ptq_minmax"],
-                                                 calib_batches(), num_batches=nb)
+    candidates["ptq_mse"] = calibrate.mse_search(
+        qmodel, candidates["ptq_minmax"],
+        **calibration_images(calib, config.calibration_batch_size))
   entry = {k: s[k] for k in ("name", "weight_bits", "act_bits", "per_channel", "weight_kind",
                              "act_kind")}
   entry["methods"], preds = {}, {}
