@@ -19,6 +19,11 @@ def _positive_int(name: str, value) -> None:
     raise ValueError(f"config.{name} must be a positive integer, got {value!r}.")
 
 
+def _nonnegative_int(name: str, value, zero_means: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"config.{name} must be an integer >= 0 (0: {zero_means}), got {value!r}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field and its allowed values."""
   if config.dataset not in data.DATASETS:
@@ -50,18 +55,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name} must be positive and finite, got {lr}.")
   if fat.loss not in methods.LOSSES:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
-  if isinstance(fat.select_every, bool) or not isinstance(fat.select_every, int) \
-      or fat.select_every < 0:
-    raise ValueError(f"config.fat.select_every must be an integer >= 0 (0: at each epoch "
-                     f"end), got {fat.select_every!r}.")
-  if isinstance(fat.patience, bool) or not isinstance(fat.patience, int) or fat.patience < 0:
-    raise ValueError(f"config.fat.patience must be an integer >= 0 (0: no early stop), "
-                     f"got {fat.patience!r}.")
+  _nonnegative_int("fat.select_every", fat.select_every, "at each epoch end")
+  _nonnegative_int("fat.patience", fat.patience, "no early stop")
+  if not isinstance(fat.keep_best, bool):
+    raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
   if fat.patience and not fat.keep_best:
     raise ValueError("config.fat.patience needs config.fat.keep_best=True (early stopping "
                      "uses its scores); set patience=0 or keep_best=True.")
-  if not isinstance(fat.keep_best, bool):
-    raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
   if config.qat.enabled:
     for name in ("batch_size", "epochs"):
       _positive_int(f"qat.{name}", config.qat[name])
