@@ -34,7 +34,7 @@ def _images(n, seed):
 def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0):
   model = _model(name)
   x = _images(64, seed)
-  v = model.init(jax.random.PRNGKey(seed), x[:1])
+  v = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])
   # Random BN statistics so that folding matters.
   rng = np.random.default_rng(seed)
   stats = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, np.shape(a)),
@@ -126,7 +126,7 @@ def test_graph_covers_the_model(traced):
 def test_trace_refuses_unquantized_layers():
   model = _model("mobilenet_v2")
   x = _images(2, 0)
-  v = model.init(jax.random.PRNGKey(0), x[:1])
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
   folded = fold.fold_variables(v, model.bn_eps)
   # Weights quantized, activations not: nothing an int8 runtime can run.
   qmodel = calibrate.quantized(model, rules.uniform_rules(weight=quant.QuantSpec(bits=8),

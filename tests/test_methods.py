@@ -16,12 +16,11 @@ from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
 def setup():
   model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 1))
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
                                           mutable=["batch_stats"]))
-  _, upd = train_apply({"params": params, "batch_stats":
-                        model.init(jax.random.PRNGKey(0), x)["batch_stats"]}, x)
-  folded = fold.fold_variables({"params": params, **upd}, model.bn_eps)
+  _, upd = train_apply(variables, x)
+  folded = fold.fold_variables({"params": variables["params"], **upd}, model.bn_eps)
   fmodel = calibrate.quantized(model, (), stage="folded")
   teacher = jax.jit(fmodel.apply)(folded, x)
   r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
@@ -113,7 +112,8 @@ def test_mse_search_picks_the_grid_minimum():
 def test_mse_search_lowers_output_error(setup):
   qmodel, qvars, x, teacher = setup
   searched = calibrate.mse_search(qmodel, qvars, [x], progress=False)
-  err = lambda v: float(jnp.mean((qmodel.apply(v, x) - teacher) ** 2))
+  apply = jax.jit(qmodel.apply)  # eager apply dispatches op by op: 30 s per call here
+  err = lambda v: float(jnp.mean((apply(v, x) - teacher) ** 2))
   assert err(searched) < err(qvars)
   alphas = jax.tree.leaves(searched[TRAINABLE_COLLECTION])
   assert all(np.all((a >= 0.0) & (a <= 1.0)) for a in alphas)

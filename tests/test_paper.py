@@ -148,7 +148,7 @@ def test_tf_mnasnet_importer_maps_every_tensor(tmp_path, mnas, bn):
   np.testing.assert_array_equal(p["classifier"]["bias"],  # the EMA shadow wins
                                 tensors[f"{pre}{head}/dense/bias"] + 1.0)
   model = models.create(name, **kwargs)
-  logits = model.apply(variables, jnp.ones((1, 32, 32, 3)))
+  logits = jax.jit(model.apply)(variables, jnp.ones((1, 32, 32, 3)))
   assert logits.shape == (1, 7) and bool(jnp.all(jnp.isfinite(logits)))
   del path
 
