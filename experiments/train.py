@@ -239,10 +239,10 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, wo
     curves["qat"] = qlosses
   for name in (k for k in preds if k != "fat"):
     # Is FAT's top-1 difference from this method more than chance? (paired, exact)
-    t = evaluate.mcnemar(preds["fat"], preds[name], evaluator.test.labels)
-    entry["methods"][name]["vs_fat"] = {"fat_only_correct": t["a_only_correct"],
-                                        "method_only_correct": t["b_only_correct"],
-                                        "p_value": t["p_value"]}
+    fat_only, method_only, p = evaluate.mcnemar(preds["fat"], preds[name],
+                                                 evaluator.test.labels)
+    entry["methods"][name]["vs_fat"] = {"fat_only_correct": fat_only,
+                                        "method_only_correct": method_only, "p_value": p}
   checkpoints.save(os.path.join(workdir, "checkpoints", s.name), fat_vars,
                    {"setting": entry["name"], "config": s.to_dict(),
                     "fat": config.fat.to_dict(), **model_meta,

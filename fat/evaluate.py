@@ -46,16 +46,17 @@ def agreement_pct(preds: np.ndarray, reference: np.ndarray) -> float:
   return float(100.0 * np.mean(preds == reference))
 
 
-def mcnemar(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.ndarray) -> dict:
+def mcnemar(preds_a: np.ndarray, preds_b: np.ndarray,
+            labels: np.ndarray) -> tuple[int, int, float]:
   """Exact McNemar test of two classifiers scored on the same examples.
 
   Counts the examples only ``a`` gets right and those only ``b`` gets right;
   under the null hypothesis of equal accuracy each of these discordant
   examples is a fair coin, so the two-sided p-value is the binomial test's.
-  Returns ``{"a_only_correct", "b_only_correct", "p_value"}``.
+  Returns ``(a_only_correct, b_only_correct, p_value)``.
   """
   a_ok, b_ok = preds_a == labels, preds_b == labels
   a_only, b_only = int(np.sum(a_ok & ~b_ok)), int(np.sum(b_ok & ~a_ok))
   n = a_only + b_only
   p = stats.binomtest(a_only, n, 0.5).pvalue if n else 1.0
-  return {"a_only_correct": a_only, "b_only_correct": b_only, "p_value": float(p)}
+  return a_only, b_only, float(p)
