@@ -155,6 +155,47 @@ def format_markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def seed_spread_markdown(reports: list[dict]) -> str:
+  """Markdown tables of several reports of one config that differ only in seed.
+
+  First, per setting and method: top-1 mean, sample standard deviation and range
+  over the seeds. Then, per setting, FAT against the best PTQ method of the same
+  seed (the highest top-1 of all ``ptq_*`` methods, min/max included): the gap
+  in points, in how many seeds FAT reaches it, and in how many it is below with
+  McNemar p < 0.05.
+  """
+  if not reports:
+    raise ValueError("seed_spread_markdown: no reports given.")
+  names = [s["name"] for s in reports[0]["settings"]]
+  if any([s["name"] for s in r["settings"]] != names for r in reports):
+    raise ValueError("seed_spread_markdown: the reports have different settings.")
+  n = len(reports)
+  top = [f"{reports[0]['model']} on {reports[0]['dataset']}, {n} seeds "
+         f"({', '.join(str(r['seed']) for r in reports)}), float top-1 "
+         f"{reports[0]['fp32']['top1_pct']:.2f}", "",
+         "| setting | method | top-1 mean | sd | min | max |", "|---|---|---|---|---|---|"]
+  gap = ["", "| setting | FAT − best PTQ, mean (min, max) | FAT ≥ best PTQ | "
+         "FAT below it, p < 0.05 |", "|---|---|---|---|"]
+  for i, name in enumerate(names):
+    runs = [r["settings"][i] for r in reports]
+    ms = runs[0]["methods"]
+    for m in [m for m in METHOD_ORDER if m in ms] + [m for m in ms if m not in METHOD_ORDER]:
+      top1 = np.array([s["methods"][m]["top1_pct"] for s in runs])
+      sd = float(np.std(top1, ddof=1)) if n > 1 else 0.0
+      top.append(f"| {name} | {m} | {top1.mean():.2f} | {sd:.2f} | {top1.min():.2f} | "
+                 f"{top1.max():.2f} |")
+    gaps, below = [], 0
+    for s in runs:
+      best = max((m for m in s["methods"] if m.startswith("ptq_")),
+                 key=lambda m: s["methods"][m]["top1_pct"])
+      gaps.append(s["methods"]["fat"]["top1_pct"] - s["methods"][best]["top1_pct"])
+      t = s["methods"][best]["vs_fat"]
+      below += int(t["p_value"] < 0.05 and t["method_only_correct"] > t["fat_only_correct"])
+    gap.append(f"| {name} | {np.mean(gaps):+.2f} ({min(gaps):+.2f}, {max(gaps):+.2f}) | "
+               f"{sum(g >= 0 for g in gaps)}/{n} seeds | {below}/{n} seeds |")
+  return "\n".join(top + gap) + "\n"
+
+
 def write_report(workdir: str, report: dict) -> None:
   """Validates ``report`` and writes ``workdir/report.json`` and ``workdir/report.md``."""
   validate_report(report)

@@ -9,7 +9,7 @@ from benchmarks import timing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each defines absl flags at import, some with the same names: one process each.
 SCRIPTS = ("depthwise_speed", "fat_step_profile", "fat_vs_qat", "float_step_speed",
-           "onnx_latency", "step_speed")
+           "onnx_latency", "seed_spread", "step_speed")
 
 
 def test_benchmarks_import():

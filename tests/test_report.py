@@ -168,3 +168,40 @@ def test_plots_raise_on_empty_input(tmp_path, plot, empty):
   with pytest.raises(ValueError, match=plot.__name__):
     plot(str(tmp_path / "empty.png"), empty)
   assert os.listdir(tmp_path) == []
+
+
+def seed_report(seed, top1, vs_best):
+  """A one-setting report; ``top1`` per method, ``vs_best`` the (FAT-only,
+  method-only, p) of the method with the highest PTQ top-1."""
+  best = max((m for m in top1 if m.startswith("ptq_")), key=top1.get)
+  methods = {}
+  for name, t in top1.items():
+    methods[name] = {"top1_pct": t, "agreement_pct": 99.0}
+    if name != "fat":
+      f, m, p = vs_best if name == best else (1, 1, 1.0)
+      methods[name]["vs_fat"] = {"fat_only_correct": f, "method_only_correct": m, "p_value": p}
+  return {"model": "mobilenet_v2", "dataset": "fashion_mnist", "seed": seed,
+          "fp32": {"top1_pct": 92.8}, "settings": [{"name": "w8", "methods": methods}]}
+
+
+def test_seed_spread_table():
+  reports = [
+      seed_report(0, {"ptq_minmax": 92.89, "ptq_mse": 92.81, "fat": 92.78}, (24, 35, 0.19)),
+      seed_report(1, {"ptq_minmax": 92.70, "ptq_mse": 92.75, "fat": 92.80}, (30, 25, 0.59)),
+      seed_report(2, {"ptq_minmax": 92.60, "ptq_mse": 92.90, "fat": 92.50}, (10, 50, 1e-7)),
+  ]
+  lines = rp.seed_spread_markdown(reports).splitlines()
+  assert lines[0] == "mobilenet_v2 on fashion_mnist, 3 seeds (0, 1, 2), float top-1 92.80"
+  rows = {tuple(c.strip() for c in l.strip("|").split("|")[:2]): l for l in lines if
+          l.startswith("| w8 |")}
+  fat = np.array([92.78, 92.80, 92.50])
+  assert rows[("w8", "fat")] == (f"| w8 | fat | {fat.mean():.2f} | {np.std(fat, ddof=1):.2f} "
+                                 "| 92.50 | 92.80 |")
+  assert rows[("w8", "ptq_minmax")].endswith("| 92.60 | 92.89 |")
+  # Gaps to each seed's best PTQ: 92.78-92.89, 92.80-92.75, 92.50-92.90.
+  gap = [l for l in lines if l.startswith("| w8 | ") and "seeds" in l]
+  assert gap == ["| w8 | -0.15 (-0.40, +0.05) | 1/3 seeds | 1/3 seeds |"]
+  with pytest.raises(ValueError, match="different settings"):
+    rp.seed_spread_markdown([reports[0], {**reports[1], "settings": [{"name": "w4"}]}])
+  with pytest.raises(ValueError, match="no reports"):
+    rp.seed_spread_markdown([])
