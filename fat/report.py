@@ -159,7 +159,7 @@ def seed_spread_markdown(reports: list[dict]) -> str:
   """Markdown tables of several reports of one config that differ only in seed.
 
   First, per setting and method: top-1 mean, sample standard deviation and range
-  over the seeds. Then, per setting, FAT against the best PTQ method of the same
+  over the seeds, and the mean agreement with the float argmax. Then, per setting, FAT against the best PTQ method of the same
   seed (the highest top-1 of all ``ptq_*`` methods, min/max included): the gap
   in points, in how many seeds FAT reaches it, and in how many it is below with
   McNemar p < 0.05.
@@ -173,7 +173,8 @@ def seed_spread_markdown(reports: list[dict]) -> str:
   top = [f"{reports[0]['model']} on {reports[0]['dataset']}, {n} seeds "
          f"({', '.join(str(r['seed']) for r in reports)}), float top-1 "
          f"{reports[0]['fp32']['top1_pct']:.2f}", "",
-         "| setting | method | top-1 mean | sd | min | max |", "|---|---|---|---|---|---|"]
+         "| setting | method | top-1 mean | sd | min | max | agreement mean |",
+         "|---|---|---|---|---|---|---|"]
   gap = ["", "| setting | FAT − best PTQ, mean (min, max) | FAT ≥ best PTQ | "
          "FAT below it, p < 0.05 |", "|---|---|---|---|"]
   for i, name in enumerate(names):
@@ -182,8 +183,9 @@ def seed_spread_markdown(reports: list[dict]) -> str:
     for m in [m for m in METHOD_ORDER if m in ms] + [m for m in ms if m not in METHOD_ORDER]:
       top1 = np.array([s["methods"][m]["top1_pct"] for s in runs])
       sd = float(np.std(top1, ddof=1)) if n > 1 else 0.0
+      agree = np.mean([s["methods"][m]["agreement_pct"] for s in runs])
       top.append(f"| {name} | {m} | {top1.mean():.2f} | {sd:.2f} | {top1.min():.2f} | "
-                 f"{top1.max():.2f} |")
+                 f"{top1.max():.2f} | {agree:.2f} |")
     gaps, below = [], 0
     for s in runs:
       best = max((m for m in s["methods"] if m.startswith("ptq_")),

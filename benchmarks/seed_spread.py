@@ -1,0 +1,50 @@
+"""The main job over several seeds: how much of each method's top-1 is chance.
+
+The seed draws the unlabeled subset (and with it the calibration images) and
+FAT's batch order; the float model and the test split stay fixed. Each seed is
+a full ``train_and_evaluate`` run in ``<workdir>/seed_<k>``; the script then
+prints, per setting and method, top-1 mean, standard deviation and range, and
+how often FAT reaches the best PTQ method of the same seed.
+
+  python -m benchmarks.seed_spread --config=configs/default.py --workdir=runs/seeds \\
+      --seeds=0,1,2,3,4 --only=w8a8_per_channel
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import cli
+from experiments.train import train_and_evaluate
+from fat import report
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config.")
+flags.DEFINE_string("workdir", "runs/seeds", "One subfolder per seed goes here.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds to run.")
+flags.DEFINE_list("only", [], "Run only these settings (by name); all when empty.")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  with cli.exit_on_user_error():
+    if FLAGS.only:
+      known = [s.name for s in config.settings]
+      unknown = sorted(set(FLAGS.only) - set(known))
+      if unknown:
+        raise ValueError(f"--only: unknown settings {unknown}; the config has {known}.")
+      config.settings = [s for s in config.settings if s.name in FLAGS.only]
+    seeds = [int(k) for k in FLAGS.seeds]
+    reports = []
+    for k in seeds:
+      config.seed = k
+      print(f"seed {k}", flush=True)
+      reports.append(train_and_evaluate(config, os.path.join(FLAGS.workdir, f"seed_{k}")))
+    print()
+    print(report.seed_spread_markdown(reports), end="")
+
+
+if __name__ == "__main__":
+  app.run(main)
