@@ -132,6 +132,12 @@ def _row(setting: Mapping, name: str, fp32: float) -> str:
   return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
+def _method_order(methods: Mapping) -> list[str]:
+  """The known methods in canonical order, then any others."""
+  return ([m for m in METHOD_ORDER if m in methods]
+          + [m for m in methods if m not in METHOD_ORDER])
+
+
 def format_markdown(report: dict) -> str:
   """``report`` as a markdown document: a summary, then one row per (setting, method)."""
   fp32 = report["fp32"]["top1_pct"]
@@ -145,9 +151,7 @@ def format_markdown(report: dict) -> str:
             "steps", "FAT vs method"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for setting in report["settings"]:
-    ms = setting["methods"]  # known methods in canonical order, then any others
-    order = [m for m in METHOD_ORDER if m in ms] + [m for m in ms if m not in METHOD_ORDER]
-    lines += [_row(setting, name, fp32) for name in order]
+    lines += [_row(setting, name, fp32) for name in _method_order(setting["methods"])]
   lines += ["", "**bold** marks the best PTQ method of each setting; training columns are"
             " blank for methods without training. FAT vs method: eval images only FAT gets"
             " right / only the method gets right, and the exact McNemar p-value of the"
@@ -159,10 +163,10 @@ def seed_spread_markdown(reports: list[dict]) -> str:
   """Markdown tables of several reports of one config that differ only in seed.
 
   First, per setting and method: top-1 mean, sample standard deviation and range
-  over the seeds, and the mean agreement with the float argmax. Then, per setting, FAT against the best PTQ method of the same
-  seed (the highest top-1 of all ``ptq_*`` methods, min/max included): the gap
-  in points, in how many seeds FAT reaches it, and in how many it is below with
-  McNemar p < 0.05.
+  over the seeds, and the mean agreement with the float argmax. Then, per
+  setting, FAT against the best PTQ method of the same seed (the highest top-1
+  of all ``ptq_*`` methods, min/max included): the gap in points, in how many
+  seeds FAT reaches it, and in how many it is below with McNemar p < 0.05.
   """
   if not reports:
     raise ValueError("seed_spread_markdown: no reports given.")
@@ -179,8 +183,7 @@ def seed_spread_markdown(reports: list[dict]) -> str:
          "FAT below it, p < 0.05 |", "|---|---|---|---|"]
   for i, name in enumerate(names):
     runs = [r["settings"][i] for r in reports]
-    ms = runs[0]["methods"]
-    for m in [m for m in METHOD_ORDER if m in ms] + [m for m in ms if m not in METHOD_ORDER]:
+    for m in _method_order(runs[0]["methods"]):
       top1 = np.array([s["methods"][m]["top1_pct"] for s in runs])
       sd = float(np.std(top1, ddof=1)) if n > 1 else 0.0
       agree = np.mean([s["methods"][m]["agreement_pct"] for s in runs])
