@@ -36,6 +36,8 @@ def main(argv):
       if unknown:
         raise ValueError(f"--only: unknown settings {unknown}; the config has {known}.")
       config.settings = [s for s in config.settings if s.name in FLAGS.only]
+    if not FLAGS.seeds or not all(k.lstrip("-").isdigit() for k in FLAGS.seeds):
+      raise ValueError(f"--seeds must be comma-separated integers, got {FLAGS.seeds}.")
     seeds = [int(k) for k in FLAGS.seeds]
     reports = []
     for k in seeds:

@@ -1,8 +1,11 @@
-"""The benchmark scripts import, and their shared timing helper times what it is given."""
+"""The benchmark scripts import, the seed-spread script rejects bad flags, and the shared
+timing helper times what it is given."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks import timing
 
@@ -17,6 +20,17 @@ def test_benchmarks_import():
                           capture_output=True, text=True, timeout=300) for name in SCRIPTS]
   for name, r in zip(SCRIPTS, procs):
     assert r.returncode == 0, (name, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
+    ("--seeds=0,x", "--seeds must be comma-separated integers"),
+])
+def test_seed_spread_rejects_bad_flags(tmp_path, flag, message):
+  r = subprocess.run([sys.executable, "-m", "benchmarks.seed_spread", f"--workdir={tmp_path}",
+                      flag], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
+  assert not os.listdir(tmp_path)  # rejected before any run
 
 
 def test_timed_counts_calls_and_returns_median():
