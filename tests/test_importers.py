@@ -1,4 +1,5 @@
-"""Tests of the pretrained-weight importers (fat/models/importers.py).
+"""Tests of the Keras and timm weight importers (fat/models/keras_mobilenet_v2.py,
+fat/models/timm_safetensors.py, on fat/models/importers.py).
 
 Keras: a real ``keras.applications.MobileNetV2`` (Keras 3, JAX backend) with
 every weight randomized, saved in each file format, must give our logits.
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fat.models import MNASNet, MobileNetV2, importers
+from fat.models import MNASNet, MobileNetV2, keras_mobilenet_v2, timm_safetensors
 
 DATA = pathlib.Path(__file__).parent / "data" / "timm_state_dict_shapes.json"
 TOL = 1e-4
@@ -106,7 +107,7 @@ def keras_case(request, tmp_path_factory):
   save_keras2_weights(model, files["keras2.h5"])
   x = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
   logits = np.asarray(model.predict(x, verbose=0))
-  ours = importers.load_keras_mobilenet_v2(files["keras"])
+  ours = keras_mobilenet_v2.load_keras_mobilenet_v2(files["keras"])
   return dict(alpha=alpha, model=model, files=files, x=x, logits=logits, dir=d, ours=ours)
 
 
@@ -125,7 +126,7 @@ def test_keras_logits_match(keras_case):
 @pytest.mark.parametrize("fmt", ["weights.h5", "full.h5", "keras2.h5"])
 def test_keras_formats_agree(keras_case, fmt):
   _, ref = keras_case["ours"]
-  model, got = importers.load_keras_mobilenet_v2(keras_case["files"][fmt])
+  model, got = keras_mobilenet_v2.load_keras_mobilenet_v2(keras_case["files"][fmt])
   assert model.width == keras_case["alpha"]
   ref, got = flat(ref), flat(got)
   assert ref.keys() == got.keys()
@@ -134,30 +135,30 @@ def test_keras_formats_agree(keras_case, fmt):
 
 
 def test_keras_every_tensor_consumed(keras_case):
-  tensors = importers.read_keras_weights(keras_case["files"]["keras"])
+  tensors = keras_mobilenet_v2.read_keras_weights(keras_case["files"]["keras"])
   assert len(tensors) == len(keras_case["model"].weights)
-  _, variables = importers.import_keras_mobilenet_v2(tensors)
+  _, variables = keras_mobilenet_v2.import_keras_mobilenet_v2(tensors)
   assert sum(a.size for a in tensors.values()) == sum(a.size for a in flat(variables).values())
 
 
 def test_keras_defects_are_named(keras_case):
-  tensors = importers.read_keras_weights(keras_case["files"]["keras"])
+  tensors = keras_mobilenet_v2.read_keras_weights(keras_case["files"]["keras"])
   bad = {k: v for k, v in tensors.items() if k != "block_7_depthwise_BN/moving_variance"}
   with pytest.raises(ValueError, match="(?s)missing.*block_7_depthwise_BN/moving_variance"):
-    importers.import_keras_mobilenet_v2(bad)
+    keras_mobilenet_v2.import_keras_mobilenet_v2(bad)
   bad = dict(tensors, **{"block_99_project/kernel": np.zeros((1, 1, 8, 8), np.float32)})
   with pytest.raises(ValueError, match="(?s)unexpected.*block_99_project/kernel"):
-    importers.import_keras_mobilenet_v2(bad)
+    keras_mobilenet_v2.import_keras_mobilenet_v2(bad)
   bad = dict(tensors, **{"block_3_expand/kernel": np.zeros((1, 1, 8, 7), np.float32)})
   with pytest.raises(ValueError, match=r"(?s)mis-shaped.*block_3_expand/kernel: \(1, 1, 8, 7\)"):
-    importers.import_keras_mobilenet_v2(bad)
+    keras_mobilenet_v2.import_keras_mobilenet_v2(bad)
 
 
 def test_keras_without_classifier_is_refused(keras_case):
   path = keras_case["dir"] / "notop.h5"
   save_keras2_weights(keras_case["model"], path, skip=("predictions",))
   with pytest.raises(ValueError, match="(?s)no classifier.*include_top=False"):
-    importers.load_keras_mobilenet_v2(path)
+    keras_mobilenet_v2.load_keras_mobilenet_v2(path)
 
 
 # --------------------------------------------------------------------------
@@ -208,12 +209,12 @@ TIMM_SPOTS = {
 }
 
 
-@pytest.mark.parametrize("arch", sorted(importers.TIMM_ARCHS))
+@pytest.mark.parametrize("arch", sorted(timm_safetensors.TIMM_ARCHS))
 def test_timm_consumes_every_tensor(arch, tmp_path):
   sd = random_state_dict(arch)
   path = tmp_path / "model.safetensors"
   save_file(sd, str(path))
-  model, variables = importers.load_timm_safetensors(path, arch)
+  model, variables = timm_safetensors.load_timm_safetensors(path, arch)
   assert isinstance(model, {"mobilenetv2_100": MobileNetV2, "mnasnet_100": MNASNet}[arch])
   assert (model.num_classes, model.padding, model.bn_eps) == (1000, "symmetric", 1e-5)
   ours = flat(variables)
@@ -232,7 +233,7 @@ def test_timm_consumes_every_tensor(arch, tmp_path):
     np.testing.assert_array_equal(ours[key], want, err_msg=name)
 
 
-@pytest.mark.parametrize("arch", sorted(importers.TIMM_ARCHS))
+@pytest.mark.parametrize("arch", sorted(timm_safetensors.TIMM_ARCHS))
 def test_timm_defects_are_named(arch, tmp_path):
   sd = random_state_dict(arch)
   cases = {
@@ -249,13 +250,13 @@ def test_timm_defects_are_named(arch, tmp_path):
     path = tmp_path / f"{kind}.safetensors"
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match=pattern):
-      importers.load_timm_safetensors(path, arch)
+      timm_safetensors.load_timm_safetensors(path, arch)
   # num_batches_tracked is optional.
-  _, variables = importers.import_timm(
+  _, variables = timm_safetensors.import_timm(
       {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, arch)
   assert len(flat(variables)) == len([k for k in sd if not k.endswith("num_batches_tracked")])
 
 
 def test_timm_unknown_arch():
   with pytest.raises(ValueError, match="mobilenetv2_100"):
-    importers.import_timm({}, "resnet50")
+    timm_safetensors.import_timm({}, "resnet50")

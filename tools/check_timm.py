@@ -4,7 +4,7 @@ Needs torch and timm (not project requirements; imported only when run).
 Creates the timm model with random weights (BN statistics and affine
 parameters randomized too, so that their mapping is exercised) or loads a
 given safetensors file, writes/reads it through
-``fat.models.importers.load_timm_safetensors``, runs both on the same random
+``fat.models.timm_safetensors.load_timm_safetensors``, runs both on the same random
 images and exits 1 when the logits differ by more than ``--tol``.
 
   python tools/check_timm.py --arch mnasnet_100
@@ -22,12 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from fat.models import importers  # pylint: disable=wrong-import-position
+from fat.models import timm_safetensors  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--arch", choices=sorted(importers.TIMM_ARCHS), default="mobilenetv2_100")
+  p.add_argument("--arch", choices=sorted(timm_safetensors.TIMM_ARCHS), default="mobilenetv2_100")
   p.add_argument("--safetensors", default=None,
                  help="timm weights to check; default: random weights")
   p.add_argument("--image_size", type=int, default=224)
@@ -93,7 +93,7 @@ def save_state(model, path: str) -> None:
 def max_logit_diff(torch, tmodel, path: str, arch: str, x: np.ndarray) -> tuple[float, float]:
   """(max |timm - ours|, max |timm|) on NHWC images ``x``."""
   import jax  # pylint: disable=import-outside-toplevel
-  model, variables = importers.load_timm_safetensors(path, arch)
+  model, variables = timm_safetensors.load_timm_safetensors(path, arch)
   with torch.no_grad():
     ref = tmodel(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))

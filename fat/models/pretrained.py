@@ -37,10 +37,10 @@ def load(fmt: str, path: str, arch: str = "") -> tuple[str, dict, dict]:
                           "config.pretrained.path.")
   # pylint: disable=import-outside-toplevel
   if fmt == "keras":
-    from fat.models.importers import load_keras_mobilenet_v2
+    from fat.models.keras_mobilenet_v2 import load_keras_mobilenet_v2
     model, variables = load_keras_mobilenet_v2(path)
   elif fmt == "timm":
-    from fat.models.importers import load_timm_safetensors
+    from fat.models.timm_safetensors import load_timm_safetensors
     model, variables = load_timm_safetensors(path, arch)
   else:
     from fat.models.tf_mnasnet import load_tf_mnasnet
