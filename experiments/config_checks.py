@@ -8,7 +8,7 @@ import tempfile
 
 import ml_collections
 
-from fat import data, imagenet, methods, quant
+from fat import data, float_training, imagenet, methods, models, quant
 from fat.models import pretrained
 
 PTQ_METHODS = ("minmax", "percentile", "mse")
@@ -40,6 +40,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(name, config[name])
   if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
+  if not 50.0 < config.percentile <= 100.0:
+    raise ValueError(f"config.percentile must be in (50, 100], got {config.percentile}.")
   unknown = set(config.ptq_methods) - set(PTQ_METHODS)
   if unknown:
     raise ValueError(f"config.ptq_methods has unknown {sorted(unknown)}; choose from "
@@ -53,6 +55,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                    ("qat.learning_rate", config.qat.learning_rate)):
     if not (lr > 0 and math.isfinite(lr)):
       raise ValueError(f"config.{name} must be positive and finite, got {lr}.")
+  if not (fat.lr_decay >= 0 and math.isfinite(fat.lr_decay)):
+    raise ValueError(f"config.fat.lr_decay must be >= 0 and finite, got {fat.lr_decay}.")
   if fat.loss not in methods.LOSSES:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
   _nonnegative_int("fat.select_every", fat.select_every, "at each epoch end")
@@ -65,6 +69,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.qat.enabled:
     for name in ("batch_size", "epochs"):
       _positive_int(f"qat.{name}", config.qat[name])
+    if not 0.0 < config.qat.train_fraction <= 1.0:
+      raise ValueError(f"config.qat.train_fraction must be in (0, 1], got "
+                       f"{config.qat.train_fraction}.")
   if not config.settings:
     raise ValueError("config.settings is empty; add at least one quantization setting.")
   names = [s.name for s in config.settings]
@@ -81,6 +88,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if s.weight_kind == "unsigned":
       raise ValueError(f"config.settings[{s.name!r}].weight_kind cannot be 'unsigned'; "
                        "use 'symmetric' or 'asymmetric'.")
+
+
+def _number(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo) and value <= hi)
+  if not ok:
+    where = f"{'(' if lo_open else '['}{lo}, {hi}{']' if math.isfinite(hi) else ')'}"
+    raise ValueError(f"config.{name} must be a number in {where}, got {value!r}.")
+
+
+def validate_float(config: ml_collections.ConfigDict) -> None:
+  """The float-training job's config (config.job == "float"); raises ValueError
+  naming the first bad field and its allowed values."""
+  if config.model not in models.MODELS:
+    raise ValueError(f"config.model must be one of {models.MODELS}, got {config.model!r}.")
+  if config.dataset != "fashion_mnist":
+    raise ValueError(f"config.dataset must be 'fashion_mnist' for float training, got "
+                     f"{config.dataset!r}.")
+  for name in ("batch_size", "epochs", "eval_batch_size"):
+    _positive_int(name, config[name])
+  _nonnegative_int("train_examples", config.train_examples, "the whole train split")
+  _number("learning_rate", config.learning_rate, 0.0, lo_open=True)
+  _number("weight_decay", config.weight_decay, 0.0)
+  _number("warmup_epochs", config.warmup_epochs, 0.0)
+  _number("label_smoothing", config.label_smoothing, 0.0, 1.0)
+  _number("width", config.width, 0.0, lo_open=True)
+  if config.get("optimizer", "adamw") not in float_training.OPTIMIZERS:
+    raise ValueError(f"config.optimizer must be one of {float_training.OPTIMIZERS}, got "
+                     f"{config.optimizer!r}.")
+  if not config.output:
+    raise ValueError("config.output is empty; set it to the checkpoint folder to write.")
 
 
 def ensure_writable(workdir: str) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fat import (calibrate, checkpoints, data, evaluate, export_onnx, graph, integer, models,
                  runtime)
+from fat import report as report_lib
 from fat.graph import ExportError
 from experiments.train import setting_rules
 import ml_collections
@@ -34,7 +35,12 @@ def setting_names(workdir: str) -> list[str]:
     raise checkpoints.CheckpointError(
         f"no main-job checkpoints under {root!r}; run the main job with --workdir={workdir} "
         "first.")
-  return sorted(d for d in os.listdir(root) if not d.endswith(".tmp"))
+  names = sorted(d for d in os.listdir(root) if not d.endswith(".tmp"))
+  if not names:
+    raise checkpoints.CheckpointError(
+        f"no finished setting under {root!r}; run the main job with --workdir={workdir} "
+        "to the end first.")
+  return names
 
 
 def load_setting(workdir: str, setting: str):
@@ -90,6 +96,9 @@ def export(workdir: str, setting: str | None = None) -> str:
 def verify(workdir: str, integer_examples: int = 1000) -> dict:
   """Runs every exported setting in ONNX Runtime against our models; writes
   ``onnx_report.json``."""
+  if isinstance(integer_examples, bool) or integer_examples < 1:
+    raise ValueError(f"--integer_examples must be a positive number of images, got "
+                     f"{integer_examples}.")
   root = os.path.join(workdir, EXPORT_DIR)
   exported = sorted(d for d in os.listdir(root) if not d.endswith(".tmp")) \
       if os.path.isdir(root) else []
@@ -99,9 +108,18 @@ def verify(workdir: str, integer_examples: int = 1000) -> dict:
   report = {"settings": []}
   for setting in exported:
     report["settings"].append(_verify_setting(workdir, setting, integer_examples))
-  with open(os.path.join(workdir, "onnx_report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  report_lib.write_json(os.path.join(workdir, "onnx_report.json"), report)
   return report
+
+
+def _session(make, path: str, workdir: str, setting: str):
+  """``make(path)``, with a missing or unreadable ONNX file as an ``ExportError``."""
+  try:
+    return make(path)
+  except Exception as e:  # ORT raises its own types (NoSuchFile, InvalidProtobuf, ...)
+    raise ExportError(f"cannot load {path!r} in ONNX Runtime ({type(e).__name__}: {e}); "
+                      f"re-run python -m experiments.export --workdir={workdir} "
+                      f"--setting={setting}.") from e
 
 
 def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
@@ -115,8 +133,8 @@ def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   flt = predict(fmodel.apply, folded, "fp32")
   out_dir = os.path.join(workdir, EXPORT_DIR, setting)
   int8_path, fp32_path = os.path.join(out_dir, INT8), os.path.join(out_dir, FP32)
-  int8_sess, ops = runtime.session_and_ops(int8_path)
-  fp32_sess = runtime.session(fp32_path)
+  int8_sess, ops = _session(runtime.session_and_ops, int8_path, workdir, setting)
+  fp32_sess = _session(runtime.session, fp32_path, workdir, setting)
   nodes = graph.trace(qmodel, qvars, next(split.batches(2))[0])
   n_int = min(integer_examples, len(split))
   # One streamed pass: no more than a batch of images in memory.

@@ -1,4 +1,4 @@
-"""Entry point: the only place flags are defined.
+"""Entry point of the training jobs: their flags (--config, --workdir) are defined here only.
 
   python -m experiments.main --config=configs/default.py --workdir=runs/default
 

@@ -25,7 +25,7 @@ from fat import (calibrate, checkpoints, data, evaluate, fold, methods, models, 
                  quant, report, rules, schedules)
 from fat.models import pretrained
 from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
-from experiments import config_checks
+from experiments import config_checks, run_dir
 
 
 def setting_rules(s, fat_cfg) -> tuple[rules.QuantRule, ...]:
@@ -133,8 +133,9 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
       if cfg.patience and since_best >= cfg.patience:
         break
   jax.block_until_ready(thresholds)
-  stats = {"train_seconds": time.time() - t0, "train_images": n, "epochs": cfg.epochs,
-           "steps": i, "nonfinite_steps": nonfinite}
+  nonfinite += int(skipped)  # steps of an epoch cut short by early stopping
+  stats = {"train_seconds": time.time() - t0, "train_images": n,
+           "epochs": round(i / steps_per_epoch, 2), "steps": i, "nonfinite_steps": nonfinite}
   if select:
     stats["calibration_loss_by_step"] = scores  # (step, loss); step 0: before training
     stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
@@ -276,7 +277,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   calib = unlabeled.head(config.calibration_images)
   if len(calib) == 0:
     raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
+  qat_train = train.sample(config.qat.train_fraction, config.seed) if config.qat.enabled else None
+  if qat_train is not None and len(qat_train) < config.qat.batch_size:
+    raise ValueError(f"config.qat.batch_size {config.qat.batch_size} exceeds the "
+                     f"{len(qat_train)} QAT train images; lower it or raise "
+                     "config.qat.train_fraction.")
   config_checks.ensure_writable(workdir)
+  with run_dir.staged(workdir) as stage:
+    return _run_settings(config, stage, (name, model_kwargs, model, float_vars),
+                         (unlabeled, calib, qat_train, test))
+
+
+def _run_settings(config, workdir: str, float_model, splits) -> dict:
+  """Every setting of ``config`` on the loaded float model and data; writes the
+  outputs into ``workdir`` (the staging folder of ``run_dir.staged``)."""
+  name, model_kwargs, model, float_vars = float_model
+  unlabeled, calib, qat_train, test = splits
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   folded = fold.fold_variables(float_vars, model.bn_eps)
   fmodel = calibrate.quantized(model, (), stage="folded")
@@ -289,7 +305,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "paper" in config:
     out["paper"] = config.paper.to_dict()
   thresholds, curves = {}, {}
-  qat_train = train.sample(config.qat.train_fraction, config.seed)
   act_ranges = range_finder(folded["params"], calib, config)
   for s in config.settings:
     entry, fat_vars, c = run_setting(s, config, model, folded, (unlabeled, calib, qat_train),
@@ -298,12 +313,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out["settings"].append(entry)
     thresholds[s.name] = fat_vars[TRAINABLE_COLLECTION]
     curves.update({f"{s.name} {k}": [l for _, l in v] for k, v in c.items()})
-  writer.flush()
+  writer.close()
   report.validate_report(out)
   report.plot_thresholds(os.path.join(workdir, "thresholds.png"), thresholds)
   report.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"), folded["params"])
   report.plot_losses(os.path.join(workdir, "loss.png"), curves)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+  report.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   report.write_report(workdir, out)
   return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -13,6 +14,7 @@ from clu import metric_writers
 from tqdm import tqdm
 
 from fat import checkpoints, data, evaluate, float_training, models, parallel
+from experiments import config_checks, run_dir
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -20,16 +22,36 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
               small_input=config.small_input, bn_momentum=config.bn_momentum)
 
 
+def _check_finite(params, loss, where: str) -> None:
+  """Refuses a diverged model (nothing is saved then)."""
+  if not (np.isfinite(float(loss)) and all(np.all(np.isfinite(np.asarray(p)))
+                                           for p in jax.tree.leaves(params))):
+    raise FloatingPointError(f"float training diverged ({where}: loss {float(loss)}, or "
+                             "non-finite weights); lower config.learning_rate.")
+
+
 def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the float model, evaluates it and saves it to ``config.output``."""
+  config_checks.validate_float(config)
   train = data.load(config.dataset, "train", config.data_dir or None)
   test = data.load(config.dataset, "test", config.data_dir or None)
+  if config.train_examples > len(train):
+    raise ValueError(f"config.train_examples is {config.train_examples}, more than the "
+                     f"{len(train)} train images; lower it, or use 0 for all of them.")
   if config.train_examples:
     train = data.subset(train, config.train_examples / len(train), config.seed)
   model = models.create(config.model, **model_kwargs(config))
   steps_per_epoch = len(train) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train)} train examples.")
+    raise ValueError(f"config.batch_size {config.batch_size} exceeds the {len(train)} train "
+                     "examples; lower it.")
+  config_checks.ensure_writable(workdir)
+  config_checks.ensure_writable(os.path.dirname(os.path.abspath(config.output)))
+  with run_dir.staged(workdir) as stage:  # the events file appears only on success
+    return _train(config, stage, model, train, test, steps_per_epoch)
+
+
+def _train(config, workdir: str, model, train, test, steps_per_epoch: int) -> dict:
   total = steps_per_epoch * config.epochs
   tx = float_training.optimizer(config.learning_rate, config.weight_decay, total,
                                 int(config.warmup_epochs * steps_per_epoch),
@@ -50,11 +72,10 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           parallel.shard_batch(x, mesh),
                                           parallel.shard_batch(y, mesh))
     if (i + 1) % 50 == 0:
-      if not np.isfinite(float(loss)):
-        raise FloatingPointError(f"float training diverged at step {i + 1} (loss {loss}); "
-                                 "lower config.learning_rate.")
+      _check_finite((), loss, f"step {i + 1}")
       writer.write_scalars(i + 1, {"train_loss": float(loss)})
     if (i + 1) % steps_per_epoch == 0:
+      _check_finite((params, stats), loss, f"epoch {(i + 1) // steps_per_epoch}")
       preds = evaluate.predict(predict, {"params": params, "batch_stats": stats}, test,
                                config.eval_batch_size, desc="eval")
       top1 = evaluate.top1_pct(preds, test.labels)
@@ -62,7 +83,7 @@ def train_float(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_scalars(i + 1, {"test_top1_pct": top1})
       logging.info("epoch %d: test top-1 %.2f%% (%.0f s)", epoch, top1, time.time() - t0)
       print(f"epoch {epoch}: test top-1 {top1:.2f}% ({time.time() - t0:.0f} s)", flush=True)
-  writer.flush()
+  writer.close()
   meta = {"model": config.model, "model_kwargs": model_kwargs(config),
           "dataset": config.dataset, "top1_pct": top1, "epochs": config.epochs,
           "train_seconds": time.time() - t0, "seed": config.seed}

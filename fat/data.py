@@ -1,8 +1,9 @@
 """Datasets as numpy arrays and deterministic batch iterators.
 
-Fashion-MNIST is read, in order of preference, from ``data_dir`` (the four
-idx ``.gz`` files), from the Debian package ``dataset-fashion-mnist``
-(``/usr/share/datasets/fashion-mnist``), or from TFDS ``fashion_mnist``.
+Fashion-MNIST is read from ``data_dir`` when it is set (the four idx ``.gz``
+files, or a TFDS data dir holding ``fashion_mnist``); otherwise from the
+Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
+or else from TFDS ``fashion_mnist``.
 ImageNet sources live in ``fat/imagenet.py``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -56,7 +58,7 @@ def _read_idx(path: str) -> np.ndarray:
   try:
     with gzip.open(path, "rb") as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise DataError(f"cannot read {path}: {e}. Reinstall the data "
                     "(apt-get install --reinstall dataset-fashion-mnist).") from e
   if len(raw) < 8 or raw[2] != 8:
@@ -69,12 +71,25 @@ def _read_idx(path: str) -> np.ndarray:
   return data.reshape(dims)
 
 
+def _missing_files(d: str) -> list[str]:
+  return [f for pair in FASHION_MNIST_FILES.values() for f in pair
+          if not os.path.exists(os.path.join(d, f))]
+
+
 def _fashion_mnist_dir(data_dir: str | None) -> str | None:
-  for d in ([data_dir] if data_dir else []) + [DEBIAN_FASHION_MNIST]:
-    if all(os.path.exists(os.path.join(d, f)) for pair in FASHION_MNIST_FILES.values()
-           for f in pair):
-      return d
-  return None
+  """The folder of the four idx files: ``data_dir`` if given, else the Debian
+  package's; None means TFDS (``data_dir`` then is a TFDS data dir, or empty)."""
+  if data_dir:
+    missing = _missing_files(data_dir)
+    if not missing:
+      return data_dir
+    if os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
+      return None  # a TFDS data dir holding a prepared fashion_mnist
+    raise DataError(f"config.data_dir {data_dir!r} holds neither the Fashion-MNIST idx "
+                    f"files (missing {missing}) nor a TFDS 'fashion_mnist' folder; put the "
+                    "four idx .gz files there, or leave data_dir empty to use the installed "
+                    "package or TFDS.")
+  return None if _missing_files(DEBIAN_FASHION_MNIST) else DEBIAN_FASHION_MNIST
 
 
 def _fashion_mnist_tfds(split: str, data_dir: str | None) -> Split:

@@ -2,7 +2,7 @@
 
     mesh = parallel.data_mesh()               # 1-D mesh over jax.devices(), axis "data"
     state = parallel.replicate(state, mesh)   # params, thresholds, optimizer state
-    x = parallel.shard_batch(x, mesh)         # this host's batch, split on axis 0
+    x = parallel.shard_batch(x, mesh)         # the global batch, split on axis 0
 
 The jitted steps are unchanged: given a sharded batch and replicated state,
 XLA partitions the computation and turns the batch means of the loss and
@@ -10,8 +10,8 @@ gradients into all-reduces. On one device this is a no-op.
 
 Multi-host: launch one process per host with the usual ``jax.distributed``
 environment (coordinator address, process count and id, or a cluster JAX
-detects) and call ``initialize_distributed()`` first; each process then
-passes its own slice of every global batch to ``shard_batch``.
+detects) and call ``initialize_distributed()`` first. Every process then
+draws the same global batches and ``shard_batch`` keeps its own rows.
 """
 
 from __future__ import annotations
@@ -54,11 +54,18 @@ def unreplicate(tree):
 
 
 def shard_batch(x, mesh: Mesh):
-  """This process's batch ``x`` as one global array split over ``mesh`` on axis 0."""
-  n = mesh.devices.size // jax.process_count()  # devices of this process
+  """The global batch ``x`` as one array split over ``mesh`` on axis 0.
+
+  Every process passes the same global batch (the loops draw it from the same
+  seed); each contributes its contiguous slice, the rows its devices hold. So
+  a step sees the configured batch however many processes run it.
+  """
+  n = mesh.devices.size
   x = np.asarray(x)
   if x.shape[0] % n:
-    raise ValueError(f"a batch of {x.shape[0]} does not split over {n} local devices; "
+    raise ValueError(f"a batch of {x.shape[0]} does not split over {n} devices; "
                      f"use a batch size divisible by {n}.")
+  rows = x.shape[0] // jax.process_count()
+  local = x[jax.process_index() * rows:(jax.process_index() + 1) * rows]
   sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-  return jax.make_array_from_process_local_data(sharding, x)
+  return jax.make_array_from_process_local_data(sharding, local, x.shape)

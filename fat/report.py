@@ -81,6 +81,12 @@ def validate_report(report: dict) -> None:
                        f" which is not among its methods {sorted(methods)}")
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _atomic(path: str, write: Callable[[str], None]) -> None:
   """``write(tmp)`` to a temp file beside ``path`` (dirs created), then renames it over ``path``.
 
@@ -92,6 +98,7 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is owner-only; give it a normal mode
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -120,7 +127,7 @@ def _cell(value: Any) -> str:
 def _row(setting: Mapping, name: str, fp32: float) -> str:
   """One markdown table row for ``setting``'s method ``name``."""
   m = setting["methods"][name]
-  label = f"**{name}** (best PTQ)" if name == setting.get("best_ptq") else name
+  label = f"**{name}** (best other PTQ)" if name == setting.get("best_ptq") else name
   cells = [setting["name"], setting["weight_bits"], setting["act_bits"],
            "yes" if setting["per_channel"] else "no", setting["weight_kind"], setting["act_kind"],
            label, f"{m['top1_pct']:.2f}", f"{m['agreement_pct']:.2f}",
@@ -152,7 +159,8 @@ def format_markdown(report: dict) -> str:
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for setting in report["settings"]:
     lines += [_row(setting, name, fp32) for name in _method_order(setting["methods"])]
-  lines += ["", "**bold** marks the best PTQ method of each setting; training columns are"
+  lines += ["", "**bold** marks the best PTQ method other than min/max in each setting"
+            " (`best_ptq` in report.json); training columns are"
             " blank for methods without training. FAT vs method: eval images only FAT gets"
             " right / only the method gets right, and the exact McNemar p-value of the"
             " difference (small p: unlikely to be chance)."]
@@ -208,7 +216,17 @@ def write_report(workdir: str, report: dict) -> None:
                                      default=_json_default) + "\n",
            "report.md": format_markdown(report)}
   for name, text in files.items():
-    _atomic(os.path.join(workdir, name), lambda tmp: pathlib.Path(tmp).write_text(text, "utf-8"))
+    write_text(os.path.join(workdir, name), text)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically: a reader sees the old file or the new one."""
+  _atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, "utf-8"))
+
+
+def write_json(path: str, obj: Any) -> None:
+  """``obj`` as indented JSON (numpy values as plain ones), written atomically."""
+  write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _leaves(tree: Mapping, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:

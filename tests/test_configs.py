@@ -3,6 +3,7 @@
 import glob
 import importlib
 import os
+import re
 
 import pytest
 
@@ -25,6 +26,7 @@ def test_config_is_valid(name, arg):
   if config.job == "fat":
     config_checks.validate(config)
   else:
+    config_checks.validate_float(config)
     assert config.model in models.MODELS
     assert config.output.startswith("runs/smoke/" if arg else "checkpoints/")
 
@@ -63,3 +65,35 @@ def test_validation_rejects_bad_patience():
   c.fat.patience, c.fat.keep_best = 2, False
   with pytest.raises(ValueError, match="config.fat.patience needs config.fat.keep_best=True"):
     config_checks.validate(c)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("percentile", 150.0, "config.percentile must be in (50, 100]"),
+    ("fat.lr_decay", -5.0, "config.fat.lr_decay must be >= 0"),
+    ("qat.train_fraction", 0.0, "config.qat.train_fraction must be in (0, 1]"),
+])
+def test_validation_names_the_bad_field(field, value, message):
+  from configs.fashion_mnist import mobilenet_v2_qat
+  c = mobilenet_v2_qat.get_config()  # QAT enabled: its fields are checked
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.validate(c)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "config.batch_size must be a positive integer"),
+    ("epochs", 0, "config.epochs must be a positive integer"),
+    ("train_examples", -1, "config.train_examples must be an integer >= 0"),
+    ("learning_rate", float("nan"), "config.learning_rate must be a number in (0.0, inf)"),
+    ("label_smoothing", 1.5, "config.label_smoothing must be a number in [0.0, 1.0]"),
+    ("optimizer", "lamb", "config.optimizer must be one of"),
+    ("model", "resnet", "config.model must be one of"),
+    ("output", "", "config.output is empty"),
+])
+def test_float_validation_names_the_bad_field(field, value, message):
+  from configs.fashion_mnist import mobilenet_v2_fp
+  c = mobilenet_v2_fp.get_config("smoke")
+  c[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.validate_float(c)

@@ -75,11 +75,15 @@ def test_report_markdown_contents(tmp_path):
     for method in setting["methods"]:
       assert method in md
   for text in ("mobilenet_v2", "fashion_mnist", "10000", "93.50", "92.35", "97.13", "-1.15",
-               "89.12", "41.50", "12800", "| 2 | 250 |", "**ptq_mse** (best PTQ)",
-               "**ptq_minmax** (best PTQ)"):
+               "89.12", "41.50", "12800", "| 2 | 250 |", "**ptq_mse** (best other PTQ)",
+               "**ptq_minmax** (best other PTQ)"):
     assert text in md, text
   rows = [l for l in md.splitlines() if l.startswith("| w")]
   assert len(rows) == 7
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("report.json", "report.md"):  # a normal file mode, not mkstemp's 0600
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
   # PTQ rows leave training columns blank; the last cell compares with FAT.
   assert rows[0].split(" | ")[-5:] == ["", "", "", "", "12 / 23, p = 0.089 |"]
   assert rows[1].endswith("|  |")  # no comparison recorded for this method

@@ -6,6 +6,8 @@ layer at 8 bits, the rest at 4", and counts the distinct levels of each sown
 2^n - 1 levels (15 at 4 bits, 255 at 8 bits).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,7 @@ def test_rule_is_frozen_and_keyword_only():
   with pytest.raises(TypeError):
     QuantRule(".*")  # pylint: disable=too-many-function-args
   rule = QuantRule(pattern=".*", weight=W8)
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     rule.weight = W4
 
 

@@ -8,6 +8,11 @@ downloaded (configs/paper/README.md). Paths are set on the command line:
 ``arg="runlocal"`` shrinks everything for a quick run on small or fake data:
 64 px, a handful of eval and calibration images, one FAT epoch at batch 2 (on a
 4-image train split, as in tests/test_paper.py, two steps).
+
+Run one paper config (each file's docstring has its own command), e.g.:
+  python -m experiments.main --config=configs/paper/mnasnet_100_224_per_channel_sym.py \
+      --workdir=runs/paper/mnasnet_100_224_per_channel_sym \
+      --config.data_dir=$TFDS_DATA_DIR --config.pretrained.path=weights/mnasnet_1.0_224
 """
 
 import ml_collections

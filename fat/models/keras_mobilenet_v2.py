@@ -72,7 +72,7 @@ def _read_legacy(root) -> dict[str, np.ndarray]:
 
 def _read_keras3(layers, out: dict) -> dict[str, np.ndarray]:
   """Keras 3 ``layers/<attr>/vars/<i>`` groups, named by their ``name`` attr."""
-  for attr, group in layers.items():
+  for group in layers.values():
     if "vars" in group and len(group["vars"]):
       vars_ = group["vars"]
       if "name" not in vars_.attrs:

@@ -1,0 +1,49 @@
+"""A run's outputs appear in its workdir only when the run succeeds.
+
+The main job writes into ``<workdir>/.partial`` and, at the end, moves each
+entry up into ``<workdir>``, replacing an entry of the same name from an
+earlier run. If the run fails (bad input found late, NaN during training,
+Ctrl-C), ``.partial`` is removed and the workdir is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+import jax
+
+STAGE = ".partial"
+
+
+def _publish(stage: str, workdir: str) -> None:
+  for name in sorted(os.listdir(stage)):
+    src, dst = os.path.join(stage, name), os.path.join(workdir, name)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+      shutil.rmtree(dst)
+    os.replace(src, dst)
+  os.rmdir(stage)
+
+
+@contextlib.contextmanager
+def staged(workdir: str) -> Iterator[str]:
+  """Yields the folder to write into; publishes it into ``workdir`` on success.
+
+  Only process 0 publishes; other processes stage into their own folder
+  (``.partial-<k>``), which is discarded.
+  """
+  pid = jax.process_index()
+  stage = os.path.join(workdir, STAGE if pid == 0 else f"{STAGE}-{pid}")
+  shutil.rmtree(stage, ignore_errors=True)
+  os.makedirs(stage)
+  try:
+    yield stage
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  if pid == 0:
+    _publish(stage, workdir)
+  else:
+    shutil.rmtree(stage, ignore_errors=True)

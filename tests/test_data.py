@@ -1,0 +1,92 @@
+"""Fashion-MNIST loading: the sources in order, and one clear error for each kind
+of missing or damaged data (fat/data.py)."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from fat import data
+
+FILES = [f for pair in data.FASHION_MNIST_FILES.values() for f in pair]
+
+
+def _idx(arr: np.ndarray) -> bytes:
+  """An idx file of unsigned bytes (magic 0 0 8 ndim, big-endian dims, data)."""
+  head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+  return head + arr.astype(np.uint8).tobytes()
+
+
+def _write(folder, name: str, payload: bytes) -> None:
+  with gzip.open(os.path.join(folder, name), "wb") as f:
+    f.write(payload)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+  """Four small, valid idx files: 6 train and 4 test images of 28x28."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 6), ("test", 4)):
+    images, labels = data.FASHION_MNIST_FILES[split]
+    _write(tmp_path, images, _idx(rng.integers(0, 256, (n, 28, 28))))
+    _write(tmp_path, labels, _idx(np.arange(n) % 10))
+  return tmp_path
+
+
+def test_data_dir_is_read_first(idx_dir):
+  test = data.load("fashion_mnist", "test", str(idx_dir))
+  assert test.images.shape == (4, 28, 28, 1) and test.images.dtype == np.uint8
+  np.testing.assert_array_equal(test.labels, [0, 1, 2, 3])
+  assert len(data.load("fashion_mnist", "train", str(idx_dir))) == 6
+
+
+def test_data_dir_missing_a_file_is_named(idx_dir):
+  os.remove(os.path.join(idx_dir, FILES[3]))
+  with pytest.raises(data.DataError, match=f"missing .*{FILES[3]}.*leave data_dir empty"):
+    data.load("fashion_mnist", "train", str(idx_dir))
+
+
+def test_missing_data_dir_is_refused(tmp_path):
+  with pytest.raises(data.DataError, match="does not exist"):
+    data.load("fashion_mnist", "test", str(tmp_path / "nowhere"))
+
+
+def test_corrupt_and_truncated_files_are_named(idx_dir):
+  path = os.path.join(idx_dir, FILES[2])
+  raw = bytearray(open(path, "rb").read())
+  raw[20:60] = bytes(40)  # inside the deflate stream
+  open(path, "wb").write(bytes(raw))
+  with pytest.raises(data.DataError, match=f"cannot read .*{FILES[2]}.*Reinstall"):
+    data.load("fashion_mnist", "test", str(idx_dir))
+  _write(idx_dir, FILES[2], _idx(np.zeros((4, 28, 28)))[:-10])
+  with pytest.raises(data.DataError, match="truncated"):
+    data.load("fashion_mnist", "test", str(idx_dir))
+  _write(idx_dir, FILES[2], b"\x00\x00\x0d\x03" + bytes(12))
+  with pytest.raises(data.DataError, match="not an idx file"):
+    data.load("fashion_mnist", "test", str(idx_dir))
+
+
+def test_no_data_anywhere_says_how_to_get_it(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path))
+  monkeypatch.setattr(tfds, "load", offline)
+  with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+    data.load("fashion_mnist", "test")
+
+
+def test_debian_folder_is_used_without_data_dir(idx_dir, monkeypatch):
+  monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(idx_dir))
+  assert len(data.load("fashion_mnist", "test")) == 4
+
+
+def test_subset_is_fixed_by_the_seed(idx_dir):
+  train = data.load("fashion_mnist", "train", str(idx_dir))
+  a, b, c = (train.sample(0.5, s).labels for s in (0, 0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert len(a) == 3 and not np.array_equal(a, c)
+  with pytest.raises(data.DataError, match=r"\(0, 1\]"):
+    train.sample(0.0, 0)
