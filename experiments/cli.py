@@ -17,5 +17,8 @@ def exit_on_user_error():
     yield
   except UserError as e:
     logging.error("%s", e)
+    # The family includes ValueError, so a library bug can land here too:
+    # --verbosity=1 shows where it was raised.
+    logging.debug("raised at:", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

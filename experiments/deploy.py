@@ -50,10 +50,8 @@ def load_setting(workdir: str, setting: str):
     raise checkpoints.CheckpointError(
         f"no setting {setting!r} in {workdir!r}; it has {setting_names(workdir)}.")
   qvars, meta = checkpoints.load(path)
-  if "model" not in meta:
-    raise checkpoints.CheckpointError(
-        f"checkpoint {path!r} predates export support (no model in its meta.json); "
-        "re-run the main job.")
+  checkpoints.require(meta, ("model", "model_kwargs", "config", "fat", "dataset",
+                             "eval_examples"), path, "re-run the main job")
   model = models.create(meta["model"], **meta["model_kwargs"])
   rules = setting_rules(ml_collections.ConfigDict(meta["config"]),
                         ml_collections.ConfigDict(meta["fat"]))

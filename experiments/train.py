@@ -260,6 +260,8 @@ def load_float(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]:
   if src.format:
     return pretrained.load(src.format, src.path, src.arch)
   variables, meta = checkpoints.load(config.model_checkpoint)
+  checkpoints.require(meta, ("model", "model_kwargs"), config.model_checkpoint,
+                      "point config.model_checkpoint at a float checkpoint of the float job")
   return meta["model"], meta["model_kwargs"], variables
 
 

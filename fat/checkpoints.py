@@ -65,6 +65,14 @@ def load_meta(path: str) -> dict:
                           "restore it from git or retrain it.") from e
 
 
+def require(meta: dict, keys, path: str, fix: str) -> dict:
+  """``meta``, or a ``CheckpointError`` naming the keys its meta.json lacks and ``fix``."""
+  missing = [k for k in keys if k not in meta]
+  if missing:
+    raise CheckpointError(f"checkpoint {path!r} has no {missing} in its {META}; {fix}.")
+  return meta
+
+
 def load(path: str) -> tuple[dict, dict]:
   """Returns ``(variables, meta)`` as numpy trees."""
   meta = load_meta(path)

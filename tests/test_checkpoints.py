@@ -1,0 +1,44 @@
+"""Checkpoints whose meta.json lacks what a stage needs are named, not KeyErrors."""
+
+import numpy as np
+import pytest
+
+from configs import default
+from experiments import deploy
+from experiments.train import load_float
+from fat import checkpoints
+
+
+def test_round_trip_keeps_variables_and_meta(tmp_path):
+  variables = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  checkpoints.save(str(tmp_path / "c"), variables, {"model": "mobilenet_v2", "n": 3})
+  got, meta = checkpoints.load(str(tmp_path / "c"))
+  np.testing.assert_array_equal(got["params"]["w"], variables["params"]["w"])
+  assert meta == {"model": "mobilenet_v2", "n": 3}
+
+
+def test_float_checkpoint_without_model_kwargs_is_named(tmp_path):
+  path = str(tmp_path / "c")
+  checkpoints.save(path, {"params": {"w": np.zeros(2, np.float32)}}, {"model": "mobilenet_v2"})
+  config = default.get_config("smoke")
+  config.model_checkpoint = path
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"has no \['model_kwargs'\] in its meta.json; point "
+                           "config.model_checkpoint"):
+    load_float(config)
+
+
+def test_setting_checkpoint_without_eval_examples_is_named(tmp_path):
+  path = tmp_path / "checkpoints" / "w8"
+  meta = {"model": "mobilenet_v2", "model_kwargs": {}, "config": {}, "fat": {},
+          "dataset": "fashion_mnist"}
+  checkpoints.save(str(path), {"params": {"w": np.zeros(2, np.float32)}}, meta)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"has no \['eval_examples'\] .*re-run the main job"):
+    deploy.load_setting(str(tmp_path), "w8")
+
+
+def test_workdir_without_finished_settings_is_named(tmp_path):
+  (tmp_path / "checkpoints" / "w8.tmp").mkdir(parents=True)
+  with pytest.raises(checkpoints.CheckpointError, match="no finished setting"):
+    deploy.export(str(tmp_path))
