@@ -59,6 +59,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       patience=3,
       alpha_range=(0.5, 1.0),
       beta_range=(-0.2, 0.4),
+      # Clip alpha/beta into their ranges after each update (False: the
+      # original recipe, where a threshold past its range stops training).
+      project_thresholds=True,
   ))
   c.qat = ml_collections.ConfigDict(dict(
       enabled=False, batch_size=100, epochs=1, learning_rate=1e-5, train_fraction=1.0))

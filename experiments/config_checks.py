@@ -61,8 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.fat.loss must be one of {methods.LOSSES}, got {fat.loss!r}.")
   _nonnegative_int("fat.select_every", fat.select_every, "at each epoch end")
   _nonnegative_int("fat.patience", fat.patience, "no early stop")
-  if not isinstance(fat.keep_best, bool):
-    raise ValueError(f"config.fat.keep_best must be True or False, got {fat.keep_best!r}.")
+  for name in ("keep_best", "project_thresholds"):
+    if not isinstance(fat[name], bool):
+      raise ValueError(f"config.fat.{name} must be True or False, got {fat[name]!r}.")
   if fat.patience and not fat.keep_best:
     raise ValueError("config.fat.patience needs config.fat.keep_best=True (early stopping "
                      "uses its scores); set patience=0 or keep_best=True.")

@@ -71,11 +71,12 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
 
 
 @functools.lru_cache(maxsize=4)
-def fat_update(qmodel, learning_rate: float, reset_steps: int, lr_decay: float, loss: str):
+def fat_update(qmodel, learning_rate: float, reset_steps: int, lr_decay: float, loss: str,
+               project: bool):
   """(optimizer, jitted FAT step) for one quantized model and recipe, built once
   per process, so that repeated runs of one setting reuse the compiled step."""
   tx = schedules.fat_optimizer(learning_rate, reset_steps, lr_decay)
-  return tx, methods.make_fat_step(qmodel, tx, loss)
+  return tx, methods.make_fat_step(qmodel, tx, loss, project)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,7 +97,8 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
   ``cfg.patience`` > 0, training stops early after that many scores in a row
   that do not beat the best one.
   """
-  tx, step = fat_update(qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss)
+  tx, step = fat_update(qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
+                        cfg.project_thresholds)
   mesh = parallel.data_mesh()
   thresholds = qvars[TRAINABLE_COLLECTION]
   frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}

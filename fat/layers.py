@@ -18,7 +18,9 @@ Variable collections in the folded/quantized net:
 * ``params``:      folded ``kernel`` and ``bias``;
 * ``quant_stats``: calibrated activation ranges ``x_min``/``x_max`` (constants),
   and the frozen ``alpha``/``beta`` of untrained quantizers (the input);
-* ``thresholds``:  the trainable ``alpha`` and ``beta``: FAT trains only these.
+* ``thresholds``:  the trainable ``alpha`` and ``beta``: FAT trains only these;
+* ``threshold_bounds`` (only when the caller makes it mutable): each trainable
+  alpha's and beta's ``[lo, hi]`` clip range, for projecting them after an update.
 
 Quantizers return their grid step ``1/s`` next to their output, and convs
 take their input's step: in "quant" mode a conv's bias is rounded to the int32
@@ -50,6 +52,8 @@ ACT_COLLECTION = "quant_stats"
 TRAINABLE_COLLECTION = "thresholds"
 CALIB_COLLECTION = "calibration"
 GRID_COLLECTION = "quant_grid"
+# (lo, hi) of each trainable alpha/beta, recorded when the caller makes it mutable.
+BOUNDS_COLLECTION = "threshold_bounds"
 # Starting values of the quantizer variables (alpha=1 keeps the calibrated
 # range). ``calibrate.init_quant_variables`` builds them from this table too.
 INITIAL = {"alpha": 1.0, "beta": 0.0, "x_min": 0.0, "x_max": 0.0}
@@ -58,6 +62,17 @@ INITIAL = {"alpha": 1.0, "beta": 0.0, "x_min": 0.0, "x_max": 0.0}
 def quant_variable(module: nn.Module, collection: str, name: str, shape=()):
   """A float32 quantizer variable of ``module``, starting at ``INITIAL[name]``."""
   return module.variable(collection, name, jnp.full, shape, INITIAL[name], jnp.float32)
+
+
+def record_bounds(module: nn.Module, spec: quant.QuantSpec, shape=()) -> None:
+  """Records ``[lo, hi]`` (stacked on a leading axis of 2) of the module's
+  trainable alpha and beta in ``threshold_bounds``, the tree that
+  ``fat.methods`` projects the trained thresholds onto."""
+  if module.is_mutable_collection(BOUNDS_COLLECTION) and not module.is_initializing():
+    for name, (lo, hi) in (("alpha", spec.alpha_range), ("beta", spec.beta_range)):
+      module.put_variable(BOUNDS_COLLECTION, name,
+                          jnp.stack([jnp.full(shape, lo, jnp.float32),
+                                     jnp.full(shape, hi, jnp.float32)]))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,6 +167,8 @@ class ActQuant(nn.Module):
     col = TRAINABLE_COLLECTION if self.trainable else ACT_COLLECTION
     alpha = quant_variable(self, col, "alpha")
     beta = quant_variable(self, col, "beta")
+    if self.trainable:
+      record_bounds(self, spec)
     qp = quant.params_from_range(x_min.value, x_max.value, spec, alpha.value, beta.value)
     if sweep:  # the (fixed-range) input keeps its alpha
       if self.trainable and not self.is_initializing():
@@ -194,6 +211,7 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
   shape = (kernel.shape[-1],) if spec.per_channel else ()
   alpha = quant_variable(module, TRAINABLE_COLLECTION, "alpha", shape)
   beta = quant_variable(module, TRAINABLE_COLLECTION, "beta", shape)
+  record_bounds(module, spec, shape)
   w_min, w_max = quant.observed_range(jax.lax.stop_gradient(kernel), spec)
   qp = quant.params_from_range(w_min, w_max, spec, alpha.value, beta.value)
   if sweep:

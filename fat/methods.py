@@ -5,7 +5,14 @@ distillation between the float model's logits and the quantized model's
 logits on unlabeled images. Full QAT trains ``params`` and ``thresholds``
 with labels and cross-entropy. Both steps carry a NaN guard: a step whose
 loss or new variables are not finite is dropped, the last good state is kept
-and the optimizer state is reset.
+and Adam's moments are reset (``schedules.reset_adam``; the learning-rate
+schedule keeps its step).
+
+After each update the thresholds are projected onto their clip ranges
+(alpha into ``alpha_range``, beta into ``beta_range``). The forward pass
+clips them anyway, so this changes no output; but a variable that stepped
+past its range would get a zero gradient there (METHOD.md section 1) and
+stay stuck, as most per-channel alphas starting at 1.0 did without it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fat.layers import TRAINABLE_COLLECTION
+from fat import schedules
+from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION
 
 LOSSES = ("rmse", "smooth_l1")
 
@@ -36,41 +44,61 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _guarded(tx, old_state, old_opt, new_state, new_opt, loss):
+def _guarded(old_state, old_opt, new_state, new_opt, loss):
   ok = jnp.isfinite(loss) & _all_finite(new_state)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  fresh_opt = tx.init(old_state)
-  return keep(new_state, old_state), keep(new_opt, fresh_opt), ok
+  return keep(new_state, old_state), keep(new_opt, schedules.reset_adam(old_opt)), ok
 
 
-def _make_guarded_step(loss_fn, tx: optax.GradientTransformation):
-  """``step(trainable, opt_state, frozen, x, target)``: one guarded optimizer update."""
+def project_thresholds(thresholds, bounds):
+  """Each alpha and beta clipped into its ``[lo, hi]`` (``bounds``: the
+  ``threshold_bounds`` collection, the same tree with a leading axis of 2)."""
+  return jax.tree.map(lambda v, b: jnp.clip(v, b[0], b[1]), thresholds, bounds)
+
+
+def _make_guarded_step(loss_fn, tx: optax.GradientTransformation, project):
+  """``step(trainable, opt_state, frozen, x, target)``: one guarded optimizer update.
+
+  ``loss_fn`` returns ``(loss, bounds)``; ``project(trainable, bounds)`` maps the
+  updated variables back into their ranges (the bounds are constants of the
+  traced model, so they cost nothing at run time).
+  """
 
   @jax.jit
   def step(trainable, opt_state, frozen, x, target):
-    value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, target)
+    (value, bounds), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, x, target)
     updates, new_opt = tx.update(grads, opt_state, trainable)
-    new = optax.apply_updates(trainable, updates)
-    trainable, opt_state, ok = _guarded(tx, trainable, opt_state, new, new_opt, value)
+    new = project(optax.apply_updates(trainable, updates), bounds)
+    trainable, opt_state, ok = _guarded(trainable, opt_state, new, new_opt, value)
     return trainable, opt_state, {"loss": value, "finite": ok}
 
   return step
 
 
-def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str = "rmse"):
+def _apply_with_bounds(qmodel, variables, x):
+  """(logits, threshold bounds) of one quantized forward pass."""
+  out, state = qmodel.apply(variables, x, mutable=[BOUNDS_COLLECTION])
+  return out, state.get(BOUNDS_COLLECTION, {})
+
+
+def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str = "rmse",
+                  project: bool = True):
   """``step(thresholds, opt_state, frozen, x, teacher_logits) -> (thresholds, opt_state, metrics)``.
 
   ``frozen`` holds every other collection of the quantized variables
-  (``params`` and ``quant_stats``); it receives no gradient.
+  (``params`` and ``quant_stats``); it receives no gradient. ``project=False``
+  leaves the updated thresholds unclipped (the original recipe).
   """
   if loss not in LOSSES:
     raise ValueError(f"distillation loss must be one of {LOSSES}, got {loss!r}.")
 
   def loss_fn(thresholds, frozen, x, teacher):
-    q = qmodel.apply({**frozen, TRAINABLE_COLLECTION: thresholds}, x)
-    return distillation_loss(q, teacher, loss)
+    q, bounds = _apply_with_bounds(qmodel, {**frozen, TRAINABLE_COLLECTION: thresholds}, x)
+    return distillation_loss(q, teacher, loss), bounds
 
-  return _make_guarded_step(loss_fn, tx)
+  return _make_guarded_step(
+      loss_fn, tx, project_thresholds if project else lambda t, _: t)
 
 
 def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
@@ -80,7 +108,11 @@ def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
   qmodel = qmodel.clone(mode=dataclasses.replace(qmodel.mode, weights_trained=True))
 
   def loss_fn(trainable, frozen, x, y):
-    logits = qmodel.apply({**frozen, **trainable}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    logits, bounds = _apply_with_bounds(qmodel, {**frozen, **trainable}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), bounds
 
-  return _make_guarded_step(loss_fn, tx)
+  def project(trainable, bounds):
+    t = trainable[TRAINABLE_COLLECTION]
+    return {**trainable, TRAINABLE_COLLECTION: project_thresholds(t, bounds)}
+
+  return _make_guarded_step(loss_fn, tx, project)

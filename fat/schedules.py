@@ -49,6 +49,17 @@ def reset_every(inner: optax.GradientTransformation, every: int) -> optax.Gradie
   return optax.GradientTransformation(init, update)
 
 
+def reset_adam(opt_state):
+  """``opt_state`` with every Adam state (moments and bias-correction count)
+  zeroed and everything else, such as schedule and reset counters, kept: the
+  NaN guard's "reset Adam" (METHOD.md section 3)."""
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  zero = lambda s: optax.ScaleByAdamState(jnp.zeros_like(s.count),
+                                          jax.tree.map(jnp.zeros_like, s.mu),
+                                          jax.tree.map(jnp.zeros_like, s.nu))
+  return jax.tree.map(lambda s: zero(s) if is_adam(s) else s, opt_state, is_leaf=is_adam)
+
+
 def fat_optimizer(learning_rate: float, reset_steps: int = 400,
                   decay: float = 1e-4) -> optax.GradientTransformation:
   """Adam with FAT's cosine-and-reset schedule."""

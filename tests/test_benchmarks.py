@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import timing
@@ -12,7 +13,7 @@ from benchmarks import timing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each defines absl flags at import, some with the same names: one process each.
 SCRIPTS = ("depthwise_speed", "fat_step_profile", "fat_vs_qat", "float_step_speed",
-           "onnx_latency", "seed_spread", "step_speed")
+           "onnx_latency", "seed_spread", "step_speed", "threshold_stats")
 
 
 def test_benchmarks_import():
@@ -38,3 +39,15 @@ def test_timed_counts_calls_and_returns_median():
   first, median = timing.timed(lambda: calls.append(1), repeats=3, warmup=2)
   assert len(calls) == 1 + 2 + 3
   assert first >= 0.0 and median >= 0.0
+
+
+def test_threshold_stats_counts_alphas_by_role_and_place():
+  from benchmarks.threshold_stats import alpha_counts
+  t = {"block_0": {"dw": {"conv": {"alpha": np.array([0.5, 0.7, 1.0, 1.2], np.float32),
+                                   "beta": np.zeros(4, np.float32)},
+                          "act_q": {"alpha": np.array(0.4, np.float32),
+                                    "beta": np.array(0.0, np.float32)}}}}
+  c = alpha_counts(t, (0.5, 1.0))
+  assert c["weight"] == {"n": 4, "below": 0, "at_lo": 1, "inside": 1, "at_hi": 1, "above": 1}
+  assert c["activation"] == {"n": 1, "below": 1, "at_lo": 0, "inside": 0, "at_hi": 0,
+                             "above": 0}

@@ -5,6 +5,7 @@ import importlib
 import os
 import re
 
+import ml_collections
 import pytest
 
 from experiments import config_checks
@@ -78,6 +79,15 @@ def test_validation_names_the_bad_field(field, value, message):
   section, _, name = field.rpartition(".")
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.validate(c)
+
+
+def test_validation_rejects_non_bool_projection():
+  from configs import default
+  c = default.get_config()
+  # A config file that sets the field to 1 (assignment would keep the bool type).
+  c.fat = ml_collections.ConfigDict({**c.fat.to_dict(), "project_thresholds": 1})
+  with pytest.raises(ValueError, match="config.fat.project_thresholds must be True or False"):
     config_checks.validate(c)
 
 
