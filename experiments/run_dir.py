@@ -1,8 +1,8 @@
 """A run's outputs appear in its workdir only when the run succeeds.
 
-The main job writes into ``<workdir>/.partial`` and, at the end, moves each
-entry up into ``<workdir>``, replacing an entry of the same name from an
-earlier run. If the run fails (bad input found late, NaN during training,
+The main job and the float job write into ``<workdir>/.partial`` and, at the
+end, move each entry up into ``<workdir>``, replacing an entry of the same
+name from an earlier run (others, such as an earlier ``export/``, stay). If the run fails (bad input found late, NaN during training,
 Ctrl-C), ``.partial`` is removed and the workdir is as it was.
 """
 

@@ -82,9 +82,14 @@ def validate_report(report: dict) -> None:
 
 
 def _umask() -> int:
-  mask = os.umask(0)
+  mask = os.umask(0)  # the only way to read it; set back at once
   os.umask(mask)
   return mask
+
+
+# Read once, at import: reading it briefly sets it to 0, which must not race
+# with files that other threads (orbax's writers) create later.
+_FILE_MODE = 0o666 & ~_umask()
 
 
 def _atomic(path: str, write: Callable[[str], None]) -> None:
@@ -98,7 +103,7 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
   os.close(fd)
   try:
     write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is owner-only; give it a normal mode
+    os.chmod(tmp, _FILE_MODE)  # mkstemp's file is owner-only; give it the usual mode
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
