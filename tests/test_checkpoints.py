@@ -1,4 +1,5 @@
-"""Checkpoints whose meta.json lacks what a stage needs are named, not KeyErrors."""
+"""Checkpoints whose meta.json lacks what a stage needs, and bad deployment
+inputs, are named errors, not KeyErrors or the runtime's own exceptions."""
 
 import numpy as np
 import pytest
@@ -42,3 +43,20 @@ def test_workdir_without_finished_settings_is_named(tmp_path):
   (tmp_path / "checkpoints" / "w8.tmp").mkdir(parents=True)
   with pytest.raises(checkpoints.CheckpointError, match="no finished setting"):
     deploy.export(str(tmp_path))
+
+
+def test_unreadable_onnx_file_is_an_export_error(tmp_path):
+  from fat import runtime
+  from fat.graph import ExportError
+  bad = tmp_path / "model_int8.onnx"
+  bad.write_bytes(b"not a protobuf")
+  for path in (bad, tmp_path / "missing.onnx"):
+    with pytest.raises(ExportError, match="cannot load .*re-run python -m experiments.export "
+                                          "--workdir=W --setting=w8"):
+      deploy._session(runtime.session, str(path), "W", "w8")
+
+
+def test_integer_examples_must_be_positive(tmp_path):
+  with pytest.raises(ValueError, match="--integer_examples must be a positive number"):
+    deploy.verify(str(tmp_path), integer_examples=0)
+  assert not (tmp_path / "onnx_report.json").exists()
