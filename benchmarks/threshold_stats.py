@@ -10,6 +10,7 @@ zero gradient (METHOD.md section 1) and stops training; with
 """
 
 import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -24,17 +25,28 @@ flags.DEFINE_string("workdir", None, "Main-job workdir with checkpoints/<setting
 flags.mark_flags_as_required(["workdir"])
 
 
-def alpha_counts(thresholds, alpha_range) -> dict[str, dict[str, int]]:
-  """{"weight" | "activation": {"n", "below", "at_lo", "inside", "at_hi", "above"}}."""
-  lo, hi = alpha_range
+def _has_kernel(params: Mapping, module_path) -> bool:
+  """Whether the module at ``module_path`` owns a kernel (a weight quantizer's module)."""
+  node = params
+  for key in module_path:
+    node = node.get(key) if isinstance(node, Mapping) else None
+  return isinstance(node, Mapping) and "kernel" in node
+
+
+def alpha_counts(thresholds, params, alpha_range) -> dict[str, dict[str, int]]:
+  """{"weight" | "activation": {"n", "below", "at_lo", "inside", "at_hi", "above"}}.
+
+  An alpha is a weight's when its module holds a kernel in ``params``;
+  otherwise it belongs to an activation quantizer (act_q, add_q, pool_q, ...).
+  """
+  lo32, hi32 = np.float32(alpha_range[0]), np.float32(alpha_range[1])
   out = {}
   for path, a in jax.tree_util.tree_leaves_with_path(thresholds):
     keys = [k.key for k in path]
     if keys[-1] != "alpha":
       continue
-    role = "activation" if keys[-2].endswith("act_q") else "weight"
+    role = "weight" if _has_kernel(params, keys[:-1]) else "activation"
     a = np.ravel(np.asarray(a, np.float32))
-    lo32, hi32 = np.float32(lo), np.float32(hi)
     c = out.setdefault(role, dict.fromkeys(("n", "below", "at_lo", "inside", "at_hi",
                                             "above"), 0))
     c["n"] += a.size
@@ -54,7 +66,8 @@ def main(argv):
       path = os.path.join(FLAGS.workdir, "checkpoints", setting)
       variables, meta = checkpoints.load(path)
       checkpoints.require(meta, ("fat",), path, "re-run the main job")
-      counts = alpha_counts(variables[TRAINABLE_COLLECTION], meta["fat"]["alpha_range"])
+      counts = alpha_counts(variables[TRAINABLE_COLLECTION], variables["params"],
+                            meta["fat"]["alpha_range"])
       project = meta["fat"].get("project_thresholds", False)
       for role in sorted(counts):
         c = counts[role]

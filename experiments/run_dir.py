@@ -2,8 +2,9 @@
 
 The main job and the float job write into ``<workdir>/.partial`` and, at the
 end, move each entry up into ``<workdir>``, replacing an entry of the same
-name from an earlier run (others, such as an earlier ``export/``, stay). If the run fails (bad input found late, NaN during training,
-Ctrl-C), ``.partial`` is removed and the workdir is as it was.
+name from an earlier run (others, such as an earlier ``export/``, stay). If
+the run fails (bad input found late, NaN during training, Ctrl-C),
+``.partial`` is removed and the workdir is as it was.
 """
 
 from __future__ import annotations

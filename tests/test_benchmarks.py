@@ -43,11 +43,16 @@ def test_timed_counts_calls_and_returns_median():
 
 def test_threshold_stats_counts_alphas_by_role_and_place():
   from benchmarks.threshold_stats import alpha_counts
+  scalar = lambda v: {"alpha": np.array(v, np.float32), "beta": np.array(0.0, np.float32)}
   t = {"block_0": {"dw": {"conv": {"alpha": np.array([0.5, 0.7, 1.0, 1.2], np.float32),
                                    "beta": np.zeros(4, np.float32)},
-                          "act_q": {"alpha": np.array(0.4, np.float32),
-                                    "beta": np.array(0.0, np.float32)}}}}
-  c = alpha_counts(t, (0.5, 1.0))
-  assert c["weight"] == {"n": 4, "below": 0, "at_lo": 1, "inside": 1, "at_hi": 1, "above": 1}
-  assert c["activation"] == {"n": 1, "below": 1, "at_lo": 0, "inside": 0, "at_hi": 0,
+                          "act_q": scalar(0.4)},
+                   "add_q": scalar(1.0)},
+       "classifier": scalar(0.9), "logits_q": scalar(0.8)}
+  params = {"block_0": {"dw": {"conv": {"kernel": np.zeros((3, 3, 1, 4)), "bias": 0}}},
+            "classifier": {"kernel": np.zeros((4, 2)), "bias": 0}}
+  c = alpha_counts(t, params, (0.5, 1.0))
+  # The conv's and the classifier's alphas are weights': their modules hold kernels.
+  assert c["weight"] == {"n": 5, "below": 0, "at_lo": 1, "inside": 2, "at_hi": 1, "above": 1}
+  assert c["activation"] == {"n": 3, "below": 1, "at_lo": 0, "inside": 1, "at_hi": 1,
                              "above": 0}
