@@ -90,7 +90,8 @@ def train_thresholds(qmodel, qvars, unlabeled, teacher: np.ndarray, cfg, seed, w
                      log_every, score=None):
   """FAT: Adam with the cosine-and-reset schedule on alpha/beta only.
 
-  With ``score`` (variables -> distillation loss on held images) and
+  With ``score`` (variables -> distillation loss on the calibration images, the
+  first images of ``unlabeled``, so training images too; no labels) and
   ``cfg.keep_best``, the thresholds are scored at the start, every
   ``cfg.select_every`` steps (0: at each epoch end) and at the end, and those
   with the lowest score are returned; otherwise the last ones. With
@@ -153,8 +154,9 @@ def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
   frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
   trainable, frozen = parallel.replicate((trainable, frozen), mesh)
   opt_state = parallel.replicate(tx.init(trainable), mesh)
-  t0, losses = time.time(), []
-  total = data.num_batches(len(train), cfg.batch_size, True) * cfg.epochs
+  t0, losses, nonfinite = time.time(), [], 0
+  steps_per_epoch = data.num_batches(len(train), cfg.batch_size, True)
+  total = steps_per_epoch * cfg.epochs
   stream = train.batches(cfg.batch_size, seed=seed, epochs=cfg.epochs, drop_remainder=True)
   skipped = jnp.zeros((), jnp.int32)
   for i, (x, y) in enumerate(tqdm(stream, total=total, desc=f"QAT {tag}", leave=False), 1):
@@ -164,8 +166,10 @@ def train_qat(qmodel, qvars, train, cfg, seed, writer, tag, log_every):
     if i % log_every == 0:
       losses.append((i, float(m["loss"])))
       writer.write_scalars(i, {f"{tag}/qat_loss": losses[-1][1]})
-  nonfinite = check_finite_epoch(int(skipped), total, f"QAT {tag}", cfg.epochs - 1,
-                                 "config.qat.learning_rate")
+    if i % steps_per_epoch == 0:
+      nonfinite += check_finite_epoch(int(skipped), steps_per_epoch, f"QAT {tag}",
+                                      i // steps_per_epoch - 1, "config.qat.learning_rate")
+      skipped = jnp.zeros((), jnp.int32)
   jax.block_until_ready(trainable)
   stats = {"train_seconds": time.time() - t0, "train_images": len(train), "epochs": cfg.epochs,
            "steps": total, "nonfinite_steps": nonfinite}

@@ -89,18 +89,27 @@ def activation_ranges(qmodel: nn.Module, params, batches: Iterable, *,
   """``{activation quantizer path: (lo, hi)}`` over ``batches``, from the folded,
   unquantized network.
 
+  "percentile" averages the per-batch percentiles, weighted by batch size.
   The ranges depend on the data, ``method`` and which activations the rules
   quantize, not on the quantizer specs: settings that quantize the same
   activations can share them (see ``observed_key``).
   """
   if method not in METHODS:
     raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
-  stats = observe(qmodel, {"params": params}, batches, calibration=method,
+  sizes = []  # images per batch: percentiles are averaged with these weights
+
+  def counted():
+    for x in batches:
+      sizes.append(len(x))
+      yield x
+
+  stats = observe(qmodel, {"params": params}, counted(), calibration=method,
                   percentile=percentile, num_batches=num_batches, progress=progress)
   stacked = {k: np.stack([np.asarray(s[k]) for s in stats]) for k in stats[0]}
   if method == "minmax":
     return {k: (float(v[:, 0].min()), float(v[:, 1].max())) for k, v in stacked.items()}
-  return {k: (float(v[:, 0].mean()), float(v[:, 1].mean())) for k, v in stacked.items()}
+  return {k: (float(np.average(v[:, 0], weights=sizes)),
+              float(np.average(v[:, 1], weights=sizes))) for k, v in stacked.items()}
 
 
 def observed_key(rules) -> tuple:

@@ -34,7 +34,9 @@ def distillation_loss(q_logits, f_logits, kind: str = "rmse"):
   """RMSE over batch and logits, or the original ``mean_batch(sum sqrt(d^2 + 1e-5))``."""
   d = q_logits.astype(jnp.float32) - f_logits.astype(jnp.float32)
   if kind == "rmse":
-    return jnp.sqrt(jnp.mean(d ** 2))
+    # sqrt has an infinite slope at 0: at d == 0 give the gradient 0, not NaN.
+    ms = jnp.mean(d ** 2)
+    return jnp.where(ms > 0, jnp.sqrt(jnp.where(ms > 0, ms, 1.0)), 0.0)
   if kind == "smooth_l1":
     return jnp.mean(jnp.sum(jnp.sqrt(d ** 2 + 1e-5), axis=-1))
   raise ValueError(f"distillation loss must be one of {LOSSES}, got {kind!r}.")

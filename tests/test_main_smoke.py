@@ -221,6 +221,18 @@ def test_all_nan_epoch_is_an_error(float_ckpt):
   assert apply._cache_size() == 1
 
 
+def test_qat_checks_each_epoch_for_nan(float_ckpt):
+  """QAT stops at the first epoch whose every step was reverted, naming it."""
+  import ml_collections
+  from clu import metric_writers
+  from experiments.train import train_qat
+  config, qmodel, qvars, images, _ = _calibrated_smoke_model(float_ckpt)
+  cfg = ml_collections.ConfigDict(dict(batch_size=32, epochs=2, learning_rate=float("nan")))
+  writer = metric_writers.create_default_writer(None, just_logging=True)
+  with pytest.raises(FloatingPointError, match="QAT t: every step of epoch 1 gave a non-finite"):
+    train_qat(qmodel, qvars, images, cfg, 0, writer, "t", 1)
+
+
 def test_early_stop_keeps_best_thresholds(float_ckpt):
   """With patience p, FAT stops after p scores in a row without a new best and
   returns the thresholds that were scored best."""

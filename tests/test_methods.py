@@ -42,6 +42,17 @@ def test_distillation_losses_match_formulas():
     methods.distillation_loss(q, f, "l2")
 
 
+def test_rmse_gradient_is_finite_where_logits_match():
+  f = jnp.array([[0.5, -1.0], [2.0, 0.0]])
+  grad = lambda q: jax.grad(lambda q: methods.distillation_loss(q, f, "rmse"))(q)
+  assert float(methods.distillation_loss(f, f, "rmse")) == 0.0
+  np.testing.assert_array_equal(grad(f), np.zeros((2, 2)))
+  # Elsewhere it is the gradient of sqrt(mean(d^2)): d / (n * rmse).
+  q = f + jnp.array([[1.0, 0.0], [0.0, -1.0]])
+  np.testing.assert_allclose(grad(q), np.array([[1.0, 0.0], [0.0, -1.0]]) / (4 * np.sqrt(0.5)),
+                             rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def fat_step(setup):
   """(optimizer, FAT step) at lr 1e-2 with projection, compiled once for the tests."""

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from fat.calibrate import calibrate, init_quant_variables, quantized
+from fat.calibrate import activation_ranges, calibrate, init_quant_variables, quantized
 from fat.fold import fold_variables
 from fat.layers import QuantMode
 from fat.models import MNASNet, MobileNetV2
@@ -383,6 +383,19 @@ def test_calibrated_ranges(net, calibrated):
       r = r[k]
     assert float(r["x_min"]) == 0.0, layer
     assert 0.0 < float(r["x_max"]) <= (6.0 if relu6 else np.inf), layer
+
+
+def test_percentile_ranges_weight_batches_by_size(net):
+  """Per-batch percentiles are averaged with the batch sizes as weights, so a short
+  last batch counts for its images only (checked on the network input)."""
+  qmodel = quantized(net.model, RULES16)
+  parts = [net.x[:BATCH - 2], net.x[BATCH - 2:]]
+  got = activation_ranges(qmodel, net.folded["params"], parts, method="percentile",
+                          percentile=90.0, progress=False)["input_q"]
+  per_batch = np.array([np.percentile(np.asarray(p, np.float64), (10.0, 90.0)) for p in parts])
+  want = np.average(per_batch, axis=0, weights=[BATCH - 2, 2])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(want[1] - per_batch[:, 1].mean()) > 1e-3  # the weights matter here
 
 
 def test_16bit_close_to_float(net, calibrated):
