@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, config_checks
 from experiments.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -74,12 +74,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   with cli.exit_on_user_error():
-    if FLAGS.only:
-      known = [s.name for s in config.settings]
-      unknown = sorted(set(FLAGS.only) - set(known))
-      if unknown:
-        raise ValueError(f"--only: unknown settings {unknown}; the config has {known}.")
-      config.settings = [s for s in config.settings if s.name in FLAGS.only]
+    config_checks.only_settings(config, FLAGS.only)
     try:
       rates = [float(x) for x in FLAGS.learning_rates]
       seeds = [int(k) for k in FLAGS.seeds]

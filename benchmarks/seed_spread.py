@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, config_checks
 from experiments.train import train_and_evaluate
 from fat import report
 
@@ -30,12 +30,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   with cli.exit_on_user_error():
-    if FLAGS.only:
-      known = [s.name for s in config.settings]
-      unknown = sorted(set(FLAGS.only) - set(known))
-      if unknown:
-        raise ValueError(f"--only: unknown settings {unknown}; the config has {known}.")
-      config.settings = [s for s in config.settings if s.name in FLAGS.only]
+    config_checks.only_settings(config, FLAGS.only)
     if not FLAGS.seeds or not all(k.lstrip("-").isdigit() for k in FLAGS.seeds):
       raise ValueError(f"--seeds must be comma-separated integers, got {FLAGS.seeds}.")
     seeds = [int(k) for k in FLAGS.seeds]

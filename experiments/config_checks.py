@@ -131,3 +131,15 @@ def ensure_writable(workdir: str) -> None:
   except OSError as e:
     raise OSError(f"workdir {workdir!r} cannot be written ({e.strerror or e}); "
                   "pass a writable --workdir.") from e
+
+
+def only_settings(config: ml_collections.ConfigDict, names) -> None:
+  """Keeps the settings of ``config`` named in ``names`` (a script's ``--only``),
+  in config order; all when ``names`` is empty. An unknown name is an error."""
+  if not names:
+    return
+  known = [s.name for s in config.settings]
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise ValueError(f"--only: unknown settings {unknown}; the config has {known}.")
+  config.settings = [s for s in config.settings if s.name in names]

@@ -36,6 +36,7 @@ def test_seed_spread_rejects_bad_flags(tmp_path, flag, message):
 
 
 @pytest.mark.parametrize("flag, message", [
+    ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
     ("--learning_rates=1e-3,x", "--learning_rates must be comma-separated numbers"),
     ("--learning_rates=0", "--learning_rates must be positive"),
     ("--seeds=0,x", "--seeds comma-separated integers"),
