@@ -15,12 +15,12 @@ calibration loss; test labels play no part in the choice.
 
 import os
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli, config_checks
 from experiments.train import train_and_evaluate
+from fat import report
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config.")
@@ -28,46 +28,6 @@ flags.DEFINE_string("workdir", "runs/lr_sweep", "One subfolder per rate and seed
 flags.DEFINE_list("learning_rates", ["1e-4", "3e-4", "1e-3"], "FAT learning rates to try.")
 flags.DEFINE_list("seeds", ["0"], "Seeds to run at each rate.")
 flags.DEFINE_list("only", [], "Run only these settings (by name); all when empty.")
-
-
-def _kept_loss(fat: dict) -> tuple[float, float, int]:
-  """(loss before training, lowest scored loss, its step) of one FAT entry."""
-  scores = fat["calibration_loss_by_step"]
-  step, loss = min(scores, key=lambda p: p[1])
-  return scores[0][1], loss, step
-
-
-def sweep_markdown(runs: dict[float, list[dict]]) -> str:
-  """A markdown table of ``{learning rate: [report per seed]}``, one row per
-  setting and rate; "chosen" marks each setting's rate with the lowest mean
-  kept calibration loss."""
-  if not runs or any(not reports for reports in runs.values()):
-    raise ValueError("sweep_markdown: every learning rate needs at least one report.")
-  for reports in runs.values():
-    for r in reports:
-      for s in r["settings"]:
-        if "calibration_loss_by_step" not in s["methods"]["fat"]:
-          raise ValueError(f"sweep_markdown: setting {s['name']} has no calibration scores; "
-                           "run with config.fat.keep_best = True.")
-  first = next(iter(runs.values()))[0]
-  names = [s["name"] for s in first["settings"]]
-  lines = ["| setting | FAT lr | calibration loss at start | kept calibration loss | "
-           "kept step | top-1 % (not used) | agreement % (not used) | |",
-           "|---|---|---|---|---|---|---|---|"]
-  for i, name in enumerate(names):
-    rows = []
-    for lr, reports in sorted(runs.items()):
-      fats = [r["settings"][i]["methods"]["fat"] for r in reports]
-      start, kept, step = zip(*map(_kept_loss, fats))
-      rows.append((lr, np.mean(start), np.mean(kept), step,
-                   np.mean([f["top1_pct"] for f in fats]),
-                   np.mean([f["agreement_pct"] for f in fats])))
-    chosen = min(rows, key=lambda r: r[2])[0]
-    for lr, start, kept, step, top1, agree in rows:
-      lines.append(f"| {name} | {lr:g} | {start:.4f} | {kept:.4f} | "
-                   f"{', '.join(map(str, step))} | {top1:.2f} | {agree:.2f} | "
-                   f"{'chosen' if lr == chosen else ''} |")
-  return "\n".join(lines) + "\n"
 
 
 def main(argv):
@@ -97,7 +57,7 @@ def main(argv):
         runs.setdefault(lr, []).append(
             train_and_evaluate(config, os.path.join(FLAGS.workdir, f"lr_{lr:g}", f"seed_{k}")))
     print()
-    print(sweep_markdown(runs), end="")
+    print(report.lr_sweep_markdown(runs), end="")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,46 @@ def seed_spread_markdown(reports: list[dict]) -> str:
   return "\n".join(top + gap) + "\n"
 
 
+def _kept_loss(fat: dict) -> tuple[float, float, int]:
+  """(loss before training, lowest scored loss, its step) of one FAT entry."""
+  scores = fat["calibration_loss_by_step"]
+  step, loss = min(scores, key=lambda p: p[1])
+  return scores[0][1], loss, step
+
+
+def lr_sweep_markdown(runs: dict[float, list[dict]]) -> str:
+  """A markdown table of ``{learning rate: [report per seed]}``, one row per
+  setting and rate; "chosen" marks each setting's rate with the lowest mean
+  kept calibration loss."""
+  if not runs or any(not reports for reports in runs.values()):
+    raise ValueError("lr_sweep_markdown: every learning rate needs at least one report.")
+  for reports in runs.values():
+    for r in reports:
+      for s in r["settings"]:
+        if "calibration_loss_by_step" not in s["methods"]["fat"]:
+          raise ValueError(f"lr_sweep_markdown: setting {s['name']} has no calibration "
+                           "scores; run with config.fat.keep_best = True.")
+  first = next(iter(runs.values()))[0]
+  names = [s["name"] for s in first["settings"]]
+  lines = ["| setting | FAT lr | calibration loss at start | kept calibration loss | "
+           "kept step | top-1 % (not used) | agreement % (not used) | |",
+           "|---|---|---|---|---|---|---|---|"]
+  for i, name in enumerate(names):
+    rows = []
+    for lr, reports in sorted(runs.items()):
+      fats = [r["settings"][i]["methods"]["fat"] for r in reports]
+      start, kept, step = zip(*map(_kept_loss, fats))
+      rows.append((lr, np.mean(start), np.mean(kept), step,
+                   np.mean([f["top1_pct"] for f in fats]),
+                   np.mean([f["agreement_pct"] for f in fats])))
+    chosen = min(rows, key=lambda r: r[2])[0]
+    for lr, start, kept, step, top1, agree in rows:
+      lines.append(f"| {name} | {lr:g} | {start:.4f} | {kept:.4f} | "
+                   f"{', '.join(map(str, step))} | {top1:.2f} | {agree:.2f} | "
+                   f"{'chosen' if lr == chosen else ''} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str, report: dict) -> None:
   """Validates ``report`` and writes ``workdir/report.json`` and ``workdir/report.md``."""
   validate_report(report)

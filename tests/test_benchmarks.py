@@ -1,6 +1,5 @@
-"""The benchmark scripts import, the seed-spread and lr-sweep scripts reject bad flags, the
-lr sweep chooses on the calibration loss, and the shared timing helper times what it is
-given."""
+"""The benchmark scripts import, the seed-spread and lr-sweep scripts reject bad flags, and
+the shared timing helper times what it is given."""
 
 import os
 import subprocess
@@ -47,39 +46,6 @@ def test_lr_sweep_rejects_bad_flags(tmp_path, flag, message):
                       flag], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
   assert not os.listdir(tmp_path)
-
-
-def _sweep_report(kept_losses, top1):
-  """A report with one setting per (calibration scores, top-1) pair."""
-  return {"settings": [
-      {"name": f"s{i}", "methods": {"fat": {
-          "calibration_loss_by_step": [(0, 1.0), (20, loss), (40, 1.0)],
-          "top1_pct": t, "agreement_pct": 99.0}}}
-      for i, (loss, t) in enumerate(zip(kept_losses, top1))]}
-
-
-def test_lr_sweep_chooses_the_lowest_calibration_loss_not_top1():
-  from benchmarks.lr_sweep import sweep_markdown
-  # s0: lr 1e-3 has the lower mean kept loss but the lower top-1; s1: 1e-4 wins.
-  table = sweep_markdown({1e-4: [_sweep_report([0.5, 0.2], [93.0, 90.0]),
-                                 _sweep_report([0.5, 0.2], [93.0, 90.0])],
-                          1e-3: [_sweep_report([0.3, 0.3], [91.0, 92.0]),
-                                 _sweep_report([0.4, 0.3], [91.0, 92.0])]})
-  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
-          for line in table.splitlines()[2:]}
-  assert rows[("s0", "0.001")].endswith("| chosen |")
-  assert "| 0.3500 | 20, 20 | 91.00 |" in rows[("s0", "0.001")]
-  assert not rows[("s0", "0.0001")].endswith("| chosen |")
-  assert rows[("s1", "0.0001")].endswith("| chosen |")
-  assert not rows[("s1", "0.001")].endswith("| chosen |")
-
-
-def test_lr_sweep_needs_calibration_scores():
-  from benchmarks.lr_sweep import sweep_markdown
-  r = _sweep_report([0.5], [90.0])
-  del r["settings"][0]["methods"]["fat"]["calibration_loss_by_step"]
-  with pytest.raises(ValueError, match="config.fat.keep_best = True"):
-    sweep_markdown({1e-3: [r]})
 
 
 def test_timed_counts_calls_and_returns_median():

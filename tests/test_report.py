@@ -1,4 +1,5 @@
-"""Tests of the experiment report writer and the diagnostic plots."""
+"""Tests of the experiment report writer, the seed-spread and lr-sweep tables, and the
+diagnostic plots."""
 
 import copy
 import json
@@ -139,7 +140,8 @@ def assert_png(path):
 
 def test_plot_thresholds(tmp_path):
   path = tmp_path / "plots" / "thresholds.png"
-  rp.plot_thresholds(str(path), {"w8a8_pc": threshold_tree(16, 0), "w4a8_pc": threshold_tree(16, 1)})
+  rp.plot_thresholds(str(path), {"w8a8_pc": threshold_tree(16, 0),
+                                 "w4a8_pc": threshold_tree(16, 1)})
   assert_png(path)
 
 
@@ -209,3 +211,34 @@ def test_seed_spread_table():
     rp.seed_spread_markdown([reports[0], {**reports[1], "settings": [{"name": "w4"}]}])
   with pytest.raises(ValueError, match="no reports"):
     rp.seed_spread_markdown([])
+
+
+def _sweep_report(kept_losses, top1):
+  """A report with one setting per (calibration scores, top-1) pair."""
+  return {"settings": [
+      {"name": f"s{i}", "methods": {"fat": {
+          "calibration_loss_by_step": [(0, 1.0), (20, loss), (40, 1.0)],
+          "top1_pct": t, "agreement_pct": 99.0}}}
+      for i, (loss, t) in enumerate(zip(kept_losses, top1))]}
+
+
+def test_lr_sweep_chooses_the_lowest_calibration_loss_not_top1():
+  # s0: lr 1e-3 has the lower mean kept loss but the lower top-1; s1: 1e-4 wins.
+  table = rp.lr_sweep_markdown({1e-4: [_sweep_report([0.5, 0.2], [93.0, 90.0]),
+                                       _sweep_report([0.5, 0.2], [93.0, 90.0])],
+                                1e-3: [_sweep_report([0.3, 0.3], [91.0, 92.0]),
+                                       _sweep_report([0.4, 0.3], [91.0, 92.0])]})
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
+          for line in table.splitlines()[2:]}
+  assert rows[("s0", "0.001")].endswith("| chosen |")
+  assert "| 0.3500 | 20, 20 | 91.00 |" in rows[("s0", "0.001")]
+  assert not rows[("s0", "0.0001")].endswith("| chosen |")
+  assert rows[("s1", "0.0001")].endswith("| chosen |")
+  assert not rows[("s1", "0.001")].endswith("| chosen |")
+
+
+def test_lr_sweep_needs_calibration_scores():
+  r = _sweep_report([0.5], [90.0])
+  del r["settings"][0]["methods"]["fat"]["calibration_loss_by_step"]
+  with pytest.raises(ValueError, match="config.fat.keep_best = True"):
+    rp.lr_sweep_markdown({1e-3: [r]})
