@@ -113,7 +113,7 @@ def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
   r = run_main("--config=configs/fashion_mnist/mobilenet_v2_qat.py:smoke",
                f"--config.model_checkpoint={float_ckpt}", "--config.ptq_methods=('minmax',)",
                "--config.eval_examples=100", f"--workdir={tmp_path / 'b'}",
-               env={"PYTHONHASHSEED": "12345"})
+               env={"PYTHONHASHSEED": "12345"}, timeout=900)  # a whole job with QAT
   assert r.returncode == 0, r.stderr[-3000:]
   b = json.load(open(tmp_path / "b" / "report.json"))
   qat = a["settings"][0]["methods"]["qat"]
@@ -128,10 +128,10 @@ def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
   assert a["fp32"] == b["fp32"]
 
 
-def run_main(*args, cwd=REPO, env=None):
+def run_main(*args, cwd=REPO, env=None, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("override, message", [
