@@ -1,4 +1,5 @@
-"""The main job end to end on a tiny config, its determinism, and bad-input exits."""
+"""The main job end to end on a tiny config, and bad-input exits (its determinism:
+tests/test_main_determinism.py)."""
 
 import json
 import os
@@ -9,24 +10,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from configs.fashion_mnist import mobilenet_v2_fp, mobilenet_v2_qat
 from experiments.train import train_and_evaluate
-from experiments.train_float import train_float
 from fat import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def float_ckpt(tmp_path_factory):
-  """A tiny float MobileNet-v2 trained for a few steps by the float job's smoke config."""
-  root = tmp_path_factory.mktemp("float")
-  config = mobilenet_v2_fp.get_config("smoke")
-  config.output = str(root / "ckpt")
-  meta = train_float(config, str(root / "work"))
-  assert meta["model_kwargs"]["width"] == 0.35
-  assert 0.0 <= meta["top1_pct"] <= 100.0
-  return config.output
 
 
 def smoke_config(ckpt, **overrides):
@@ -102,32 +89,6 @@ def _leaves(tree, prefix=""):
       yield f"{prefix}{k}", v
 
 
-def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
-  """One config (FAT and the full-QAT baseline) run here and in a separate
-  process, with another hash seed, gives the same report apart from timings."""
-  config = mobilenet_v2_qat.get_config("smoke")
-  config.model_checkpoint = float_ckpt
-  config.ptq_methods = ("minmax",)
-  config.eval_examples = 100
-  a = train_and_evaluate(config, str(tmp_path / "a"))
-  r = run_main("--config=configs/fashion_mnist/mobilenet_v2_qat.py:smoke",
-               f"--config.model_checkpoint={float_ckpt}", "--config.ptq_methods=('minmax',)",
-               "--config.eval_examples=100", f"--workdir={tmp_path / 'b'}",
-               env={"PYTHONHASHSEED": "12345"}, timeout=900)  # a whole job with QAT
-  assert r.returncode == 0, r.stderr[-3000:]
-  b = json.load(open(tmp_path / "b" / "report.json"))
-  qat = a["settings"][0]["methods"]["qat"]
-  assert qat["train_images"] == 240 and qat["epochs"] == 1 and qat["steps"] == 7
-  assert 0.0 <= qat["top1_pct"] <= 100.0 and 0.0 <= qat["agreement_pct"] <= 100.0
-  # Through JSON, as report.json holds it; train_seconds is a timing.
-  strip = lambda rep: [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
-                        for k, m in s["methods"].items()}
-                       for s in json.loads(json.dumps(rep))["settings"]]
-  assert set(strip(a)[0]) == {"ptq_minmax", "fat", "qat"}
-  assert strip(a) == strip(b)
-  assert a["fp32"] == b["fp32"]
-
-
 def run_main(*args, cwd=REPO, env=None, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=cwd, env=env,
@@ -198,39 +159,6 @@ def _calibrated_smoke_model(float_ckpt):
   qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
   qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
   return config, qmodel, qvars, images, x
-
-
-def test_all_nan_epoch_is_an_error(float_ckpt):
-  """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
-  import jax
-  from clu import metric_writers
-  from experiments.train import train_thresholds
-  config, qmodel, qvars, images, x = _calibrated_smoke_model(float_ckpt)
-  teacher = np.full((64, 10), np.nan, np.float32)
-  writer = metric_writers.create_default_writer(None, just_logging=True)
-  with pytest.raises(FloatingPointError, match="every step of epoch 1 gave a non-finite"):
-    train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
-  teacher[:] = 0.0
-  apply = jax.jit(qmodel.apply)
-  apply(qvars, x[:8])
-  trained, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer,
-                                       "t", 1)
-  assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
-  # The trained variables come back unreplicated: evaluation reuses its compile.
-  apply(trained, x[:8])
-  assert apply._cache_size() == 1
-
-
-def test_qat_checks_each_epoch_for_nan(float_ckpt):
-  """QAT stops at the first epoch whose every step was reverted, naming it."""
-  import ml_collections
-  from clu import metric_writers
-  from experiments.train import train_qat
-  config, qmodel, qvars, images, _ = _calibrated_smoke_model(float_ckpt)
-  cfg = ml_collections.ConfigDict(dict(batch_size=32, epochs=2, learning_rate=float("nan")))
-  writer = metric_writers.create_default_writer(None, just_logging=True)
-  with pytest.raises(FloatingPointError, match="QAT t: every step of epoch 1 gave a non-finite"):
-    train_qat(qmodel, qvars, images, cfg, 0, writer, "t", 1)
 
 
 def test_early_stop_keeps_best_thresholds(float_ckpt):
