@@ -43,7 +43,9 @@ def save(path: str, variables, meta: dict) -> None:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   host = jax.tree.map(_to_host, variables)
-  with ocp.StandardCheckpointer() as ckptr:
+  # Only process 0 gets here: orbax's save barrier must not wait for the others.
+  only_0 = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+  with ocp.StandardCheckpointer(multiprocessing_options=only_0) as ckptr:
     ckptr.save(os.path.join(tmp, STATE), host)
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)

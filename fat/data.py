@@ -183,6 +183,9 @@ def batches(split: Split, batch_size: int, *, seed: int | None = None, epochs: i
   """
   if batch_size <= 0:
     raise DataError(f"batch_size must be positive, got {batch_size}.")
+  if augment_images and seed is None:
+    raise ValueError("augment_images needs a seed: without one the augmentation "
+                     "would differ from run to run.")
   rng = np.random.default_rng(seed)
   n = len(split)
   for _ in range(epochs):

@@ -18,6 +18,20 @@ def test_round_trip_keeps_variables_and_meta(tmp_path):
   assert meta == {"model": "mobilenet_v2", "n": 3}
 
 
+def test_save_barriers_wait_only_for_process_0(tmp_path, monkeypatch):
+  """Only process 0 calls save, so every orbax barrier in it must be limited to
+  process 0; a barrier over all processes would wait forever on several hosts."""
+  from orbax.checkpoint._src.multihost import multihost
+  seen, sync = [], multihost.sync_global_processes
+
+  def spy(name, **kwargs):
+    seen.append(kwargs.get("processes"))
+    return sync(name, **kwargs)
+  monkeypatch.setattr(multihost, "sync_global_processes", spy)
+  checkpoints.save(str(tmp_path / "c"), {"w": np.zeros(2, np.float32)}, {"model": "m"})
+  assert seen and all(p == {0} for p in seen), seen
+
+
 def test_float_checkpoint_without_model_kwargs_is_named(tmp_path):
   path = str(tmp_path / "c")
   checkpoints.save(path, {"params": {"w": np.zeros(2, np.float32)}}, {"model": "mobilenet_v2"})

@@ -90,3 +90,13 @@ def test_subset_is_fixed_by_the_seed(idx_dir):
   assert len(a) == 3 and not np.array_equal(a, c)
   with pytest.raises(data.DataError, match=r"\(0, 1\]"):
     train.sample(0.0, 0)
+
+
+def test_augmentation_is_seeded(idx_dir):
+  """Augmented batches repeat with the seed; augmentation without a seed is refused."""
+  train = data.load("fashion_mnist", "train", str(idx_dir))
+  a, b = ([x for x, _ in data.batches(train, 4, seed=3, augment_images=True)]
+          for _ in range(2))
+  assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+  with pytest.raises(ValueError, match="augment_images needs a seed"):
+    next(data.batches(train, 4, augment_images=True))
