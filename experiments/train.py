@@ -8,6 +8,7 @@ quantized variables (``checkpoints/<setting>``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -35,10 +36,17 @@ def setting_rules(s, fat_cfg) -> tuple[rules.QuantRule, ...]:
                            **ranges)
   act = quant.QuantSpec(bits=s.act_bits, kind=s.act_kind, **ranges)
   overrides = ()
+  if s.act_kind == "asymmetric":
+    # The network input has a fixed range, [-1, 1] for "keras" preprocessing. On
+    # an asymmetric grid its zero point, round(-127.5), puts every pixel value on
+    # a rounding tie (resolved differently by XLA, ONNX Runtime and the integer
+    # reference); the symmetric grid has none.
+    overrides = (rules.QuantRule(pattern=r"^input_q$",
+                                 act=dataclasses.replace(act, kind="symmetric")),)
   if s.first_last_bits:
     first_last = quant.QuantSpec(bits=s.first_last_bits, kind=s.weight_kind,
                                  per_channel=s.per_channel, **ranges)
-    overrides = (rules.QuantRule(pattern=r"^(stem|classifier)(/|$)", weight=first_last),)
+    overrides += (rules.QuantRule(pattern=r"^(stem|classifier)(/|$)", weight=first_last),)
   return rules.uniform_rules(weight=weight, act=act, overrides=overrides)
 
 

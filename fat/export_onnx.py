@@ -42,16 +42,28 @@ def storage(grid: Grid, what: str) -> tuple[int, type]:
   but QuantizeLinear would clip activations to the 8-bit range, not to it.
   """
   zp = np.asarray(grid.zero_point)
+  if not 254 <= grid.qmax - grid.qmin <= 255:
+    raise ExportError(
+        f"{what}: the grid [{grid.qmin}, {grid.qmax}] is not 8 bits wide; ONNX int8 "
+        "export needs 8-bit quantizers (weight_bits=8 and act_bits=8).")
   for lo_hi, onnx_type, dtype in ((_INT8, TensorProto.INT8, np.int8),
                                   (_UINT8, TensorProto.UINT8, np.uint8)):
     lo, hi = lo_hi
-    eight_bit = grid.qmax - grid.qmin >= hi - lo - 1  # [-127, 127] or [0, 255]
-    if eight_bit and lo <= grid.qmin and grid.qmax <= hi and np.all((zp >= lo) & (zp <= hi)):
+    if lo <= grid.qmin and grid.qmax <= hi and np.all((zp >= lo) & (zp <= hi)):
       return onnx_type, dtype
+  if grid.qmin >= 0:
+    # An asymmetric grid [0, 255] holds (k - zero_point) * scale: 0 is on it only
+    # for a zero point in [0, 255].
+    bad = np.flatnonzero(np.ravel((zp < 0) | (zp > 255)))
+    raise ExportError(
+        f"{what}: 0 is not on the trained grid ({bad.size} of {zp.size} channel(s), e.g. "
+        f"channel {bad[0]} with zero point {np.ravel(zp)[bad[0]]}), so no uint8 zero point "
+        "represents it. Training moved the range off 0 (beta above its start, or alpha "
+        "below it for a range that ends at 0); retrain with config.fat.beta_range's upper "
+        "end at 0.0, or quantize this layer symmetrically.")
   raise ExportError(
       f"{what}: the grid [{grid.qmin}, {grid.qmax}] with zero point(s) in "
-      f"[{zp.min()}, {zp.max()}] is not an int8 or uint8 grid; ONNX int8 export needs "
-      "8-bit quantizers (weight_bits=8 and act_bits=8) with zero points in range.")
+      f"[{zp.min()}, {zp.max()}] is not an int8 or uint8 grid.")
 
 
 class _Builder:
@@ -117,8 +129,15 @@ def _conv(b: _Builder, node: Node, x: str, in_grid: Grid | None) -> str:
                       wg.scale, wg.zero_point, wdtype)
     bias_scale = np.float32(in_grid.scale) * wg.scale.astype(np.float32)
     q_bias = bias_int32(node, in_grid)
-    if np.abs(q_bias).max(initial=0) >= 2 ** 31:
-      raise ExportError(f"{node.name}: the int32 bias overflows.")
+    over = np.flatnonzero(np.abs(np.ravel(q_bias)) >= 2 ** 31)
+    if over.size:
+      c = over[0]
+      raise ExportError(
+          f"{node.name}: the bias of {over.size} output channel(s) does not fit int32 at "
+          f"scale input_step * weight_step (e.g. channel {c}: weight step "
+          f"{np.ravel(wg.scale)[c]:.3g}, bias {np.ravel(node.attrs['bias'])[c]:.3g}). Such "
+          "a channel has near-zero weights after BN folding; quantize this layer's weights "
+          "per tensor (a rule override for its path).")
     bias = b.dequantized(f"{node.name}/bias", q_bias, bias_scale,
                          np.zeros(np.shape(bias_scale), np.int32), np.int32)
   y = b.op("Conv", [x, w, bias], f"{node.name}/conv", **op_attrs)

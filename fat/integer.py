@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fat.graph import Grid, Node
+from fat.graph import ExportError, Grid, Node
 
 ADD_LEFT_SHIFT = 20
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
@@ -145,7 +145,13 @@ def run(nodes: list[Node], images: np.ndarray) -> dict[str, np.ndarray]:
   values: dict[str, np.ndarray] = {}
   grids: dict[str, Grid] = {}
   for node in nodes:
-    values[node.name] = run_node(node, values, grids, images)
+    try:
+      values[node.name] = run_node(node, values, grids, images)
+    except OverflowError as e:  # a scale too small or too large for int32 arithmetic
+      msg = str(e) if str(e).startswith(node.name) else f"{node.name}: {e}"
+      raise ExportError(f"{msg} A near-zero weight channel or activation range "
+                        "gives scales outside int32 fixed point; quantize that layer's "
+                        "weights per tensor (a rule override for its path).") from e
     grids[node.name] = node.out
   return values
 

@@ -115,7 +115,9 @@ def params_from_range(x_min, x_max, spec: QuantSpec, alpha=None, beta=None) -> Q
   """Thresholds from an observed range [x_min, x_max].
 
   Symmetric: t_max = max(|x_min|, |x_max|), t_min = -t_max. Unsigned:
-  t_min = 0, t_max = max(x_max, 0). Asymmetric: t_min = x_min, t_max = x_max.
+  t_min = 0, t_max = max(x_max, 0). Asymmetric: t_min = min(x_min, 0),
+  t_max = max(x_max, 0), so that 0 is on the initial grid (an integer zero
+  point exists: int8 deployment needs one, and zero padding stays exact).
   alpha defaults to 1 and beta to 0.
   """
   x_min = jnp.asarray(x_min, jnp.float32)
@@ -127,7 +129,7 @@ def params_from_range(x_min, x_max, spec: QuantSpec, alpha=None, beta=None) -> Q
     t_max = jnp.maximum(x_max, 0.0)
     t_min = jnp.zeros_like(t_max)
   else:
-    t_min, t_max = x_min, x_max
+    t_min, t_max = jnp.minimum(x_min, 0.0), jnp.maximum(x_max, 0.0)
   alpha = jnp.ones_like(t_max) if alpha is None else jnp.asarray(alpha, jnp.float32)
   beta = jnp.zeros_like(t_max) if beta is None else jnp.asarray(beta, jnp.float32)
   return QuantParams(t_min=t_min, t_max=t_max, alpha=alpha, beta=beta)
@@ -146,7 +148,7 @@ def init_params(x: jax.Array, spec: QuantSpec) -> QuantParams:
   """Thresholds from the range of ``x`` (alpha = 1, beta = 0).
 
   Symmetric: t_max = max|x|, t_min = -t_max. Unsigned: t_min = 0,
-  t_max = max(x, 0). Asymmetric: t_min = min(x), t_max = max(x).
+  t_max = max(x, 0). Asymmetric: t_min = min(x, 0), t_max = max(x, 0).
   """
   return params_from_range(*observed_range(x, spec), spec)
 

@@ -571,7 +571,10 @@ def test_8bit_weights_on_grid(net, q8):
     alpha, beta = th[layer + "/alpha"], th[layer + "/beta"]
     assert np.shape(alpha) == ((w.shape[-1],) if per_channel else ()), layer
     axes = tuple(range(w.ndim - 1)) if per_channel else None
-    s, z, qmin, qmax, zl = grid(kind, False, 8, w.min(axis=axes), w.max(axis=axes), alpha, beta)
+    lo, hi = w.min(axis=axes), w.max(axis=axes)
+    if kind == "asymmetric":  # the range is widened to hold 0 (fat.quant.params_from_range)
+      lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    s, z, qmin, qmax, zl = grid(kind, False, 8, lo, hi, alpha, beta)
     levels = check_on_grid(kq, w, s, z, qmin, qmax, zl, f"{layer} kernel ({kind}, pc={per_channel})")
     assert levels >= 8, layer
     # The quantization is not the identity.

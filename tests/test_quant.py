@@ -52,7 +52,7 @@ def np_params(x, spec):
   if spec.kind == "unsigned":
     t_max = np.maximum(x.max(axis=axes), 0.0)
     return np.zeros_like(t_max), t_max
-  return x.min(axis=axes), x.max(axis=axes)
+  return np.minimum(x.min(axis=axes), 0.0), np.maximum(x.max(axis=axes), 0.0)
 
 
 def np_grid(spec, ndim, t_min, t_max, alpha, beta):
@@ -189,6 +189,17 @@ def test_init_params_unsigned_all_negative():
   spec = quant.QuantSpec(kind="unsigned")
   qp = quant.init_params(-jnp.arange(1.0, 5.0), spec)
   assert float(qp.t_max) == 0.0 and float(qp.t_min) == 0.0
+
+
+def test_init_params_asymmetric_range_includes_zero():
+  """A channel of one sign still gets 0 on its initial grid (zero point in range)."""
+  spec = quant.QuantSpec(bits=8, kind="asymmetric", per_channel=True)
+  x = jnp.asarray([[1.0, -3.0, -1.0], [2.0, -2.0, 4.0]])  # channels: >0, <0, mixed
+  qp = quant.init_params(x, spec)
+  np.testing.assert_array_equal(qp.t_min, [0.0, -3.0, -1.0])
+  np.testing.assert_array_equal(qp.t_max, [2.0, 0.0, 4.0])
+  y = quant.fake_quant(jnp.zeros_like(x), qp, spec)
+  np.testing.assert_array_equal(y, 0.0)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """MNASNet-B1 (Tan et al. 2019, no squeeze-excitation), as torchvision's ``mnasnet1_0``.
 
 Layer paths: ``input_q``, ``stem``, ``sep_dw``, ``sep_project``, ``block_0`` ..
-``block_15`` (``expand``, ``dw``, ``project``, ``add_q``), ``head``,
+``block_15`` (``expand``, ``dw``, ``project`` and, on residual blocks, ``add_q``),
+``head``,
 ``pool_q``, ``classifier``, ``logits_q``.
 """
 

@@ -1,7 +1,8 @@
 """MobileNet-v2 (Sandler et al. 2018), as in ``keras.applications.MobileNetV2``.
 
 Layer paths: ``input_q``, ``stem``, ``block_0`` .. ``block_16`` (each with
-``expand``, ``dw``, ``project`` and, on residual blocks, ``add_q``), ``head``,
+``expand`` (not ``block_0``), ``dw``, ``project`` and, on residual blocks,
+``add_q``), ``head``,
 ``pool_q``, ``classifier``, ``logits_q``.
 """
 
