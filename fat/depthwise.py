@@ -18,6 +18,11 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "conv", "shift", "shift_autodiff")
+# float32 products in every convolution and matmul of the models: the backends'
+# default rounds their operands to bfloat16 (TPU) or TF32 (recent GPUs), which
+# moves fake-quantized values off their grid. (Elementwise "shift" taps are
+# float32 anyway.)
+PRECISION = jax.lax.Precision.HIGHEST
 PADDINGS = ("same", "symmetric")
 
 
@@ -53,7 +58,8 @@ def depthwise_conv(x, kernel, stride: int, padding: str, impl: str = "auto"):
   if resolve_impl(impl) == "conv":
     return jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(stride, stride), padding=pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+        precision=PRECISION)
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   w = kernel[:, :, 0, :].astype(x.dtype)
   if impl == "shift_autodiff":

@@ -240,12 +240,17 @@ def biased(module: nn.Module, y, features: int, x_step, w_step):
 
 
 def _pointwise(x, kernel):
-  return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+  return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0], precision=depthwise.PRECISION)
 
 
 def _conv(x, kernel, strides, pads):
   return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=depthwise.PRECISION)
+
+
+def _matmul(x, kernel):
+  return jnp.matmul(x, kernel, precision=depthwise.PRECISION)
 
 
 class Conv(nn.Module):
@@ -302,5 +307,5 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (x.shape[-1], self.features), jnp.float32)
     x = x.astype(jnp.promote_types(x.dtype, kernel.dtype))
-    y, w_step = quantized_apply(self, jnp.matmul, x, kernel, self.mode)
+    y, w_step = quantized_apply(self, _matmul, x, kernel, self.mode)
     return biased(self, y, self.features, x_step, w_step)

@@ -7,9 +7,11 @@ Runtime runs the exported files, and the integer reference is compared with
 the fake-quantized JAX model layer by layer.
 """
 
+import dataclasses
 import fractions
 
 import jax
+import jax.extend
 import numpy as np
 import onnx
 import pytest
@@ -31,7 +33,8 @@ def _images(n, seed):
                  -1, 1).astype(np.float32)
 
 
-def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0):
+def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0, kind="symmetric",
+               perturb=True):
   model = _model(name)
   x = _images(64, seed)
   v = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])
@@ -40,11 +43,14 @@ def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0):
   stats = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, np.shape(a)),
                        v["batch_stats"])
   folded = fold.fold_variables({**v, "batch_stats": stats}, model.bn_eps)
-  r = rules.uniform_rules(weight=quant.QuantSpec(bits=weight_bits, per_channel=per_channel),
-                          act=quant.QuantSpec(bits=act_bits))
+  r = rules.uniform_rules(
+      weight=quant.QuantSpec(bits=weight_bits, per_channel=per_channel, kind=kind),
+      act=quant.QuantSpec(bits=act_bits, kind=kind))
   qmodel = calibrate.quantized(model, r)
   qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
   qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+  if not perturb:
+    return qmodel, qvars
   # Trained-looking thresholds: alpha in [0.6, 1] (beta is unused by symmetric specs).
   alpha = lambda p, a: (rng.uniform(0.6, 1.0, np.shape(a)).astype(np.float32)
                         if getattr(p[-1], "key", None) == "alpha" else a)
@@ -223,8 +229,92 @@ def test_storage_types():
                                     qmin=lo, qmax=hi)
   assert export_onnx.storage(g(-127, 127, 0), "x")[1] is np.int8
   assert export_onnx.storage(g(0, 255, 3), "x")[1] is np.uint8
-  with pytest.raises(ExportError):
+  with pytest.raises(ExportError, match="0 is not on the trained grid"):
     export_onnx.storage(g(0, 255, -5), "x")  # zero point outside uint8
   for bad in (g(0, 15, 0), g(-7, 7, 0)):  # 4-bit grids
     with pytest.raises(ExportError, match="8-bit"):
       export_onnx.storage(bad, "x")
+
+
+def test_asymmetric_export_runs_in_ort(tmp_path):
+  """Asymmetric (uint8) weights per channel and asymmetric activations, calibrated:
+  every grid holds 0, so every layer exports, also depthwise filters whose taps
+  all have one sign; ORT agrees with the integer reference and the simulation."""
+  qmodel, qvars = _quantized("mobilenet_v2", kind="asymmetric", perturb=False)
+  x = _images(32, 1)
+  nodes, acts = graph.trace(qmodel, qvars, x, return_activations=True)
+  one_sign = [(n.name, c) for n in nodes if n.op == "conv" and n.attrs["depthwise"]
+              for c in range(n.attrs["weight"].shape[-1])
+              if np.all(n.attrs["weight"][..., c] > 0) or np.all(n.attrs["weight"][..., c] < 0)]
+  assert one_sign  # width 0.35 has a few hundred depthwise filters of 9 taps
+  grids = {n.name: n.out for n in nodes}
+  for n in nodes[1:]:  # each integer op within one step of the simulation
+    q = integer.run_node(n, {i: acts[i] for i in n.inputs if i != "input"}, grids, x)
+    assert np.abs(q - acts[n.name]).max() <= 1, n.name
+  path = str(tmp_path / "asym.onnx")
+  q_model = export_onnx.to_qdq(nodes, (None,) + x.shape[1:])
+  onnx.checker.check_model(q_model, full_check=True)
+  onnx.save(q_model, path)
+  assert any(t.data_type == onnx.TensorProto.UINT8 and t.name.endswith("weight/int")
+             for t in q_model.graph.initializer)
+  ort_q = runtime.logits(runtime.session(path), x)
+  sim = np.asarray(jax.jit(qmodel.apply)(qvars, x))
+  assert np.mean(ort_q.argmax(-1) == integer.logits(nodes, x).argmax(-1)) >= 0.95
+  assert np.mean(ort_q.argmax(-1) == sim.argmax(-1)) >= 0.9
+
+
+def test_tiny_weight_channel_bias_overflow_is_named():
+  """A per-channel weight step so small that the bias needs more than 32 bits is
+  refused with the layer, the channel and the fix."""
+  qmodel, qvars = _quantized("mobilenet_v2", perturb=False)
+  nodes = graph.trace(qmodel, qvars, _images(2, 0))
+  conv = next(n for n in nodes if n.op == "conv")
+  scale = np.array(conv.attrs["w_grid"].scale)
+  scale[3] = 1e-12
+  conv.attrs["w_grid"] = dataclasses.replace(conv.attrs["w_grid"], scale=scale)
+  conv.attrs["bias"] = np.array(conv.attrs["bias"])
+  conv.attrs["bias"][3] = 0.5
+  with pytest.raises(ExportError, match=rf"{conv.name}: the bias of 1 output channel.*"
+                                        r"channel 3.*per tensor"):
+    export_onnx.to_qdq(nodes, (None, 28, 28, 1))
+  # The integer reference names the layer too (zero bias: the multiplier is too small).
+  conv.attrs["bias"][3] = 0.0
+  with pytest.raises(ExportError, match=rf"{conv.name}: requantization multiplier"):
+    integer.run(nodes, _images(2, 0))
+
+
+@pytest.mark.parametrize("impl", ["conv", "shift"])
+def test_every_product_asks_for_float32(impl):
+  """Every convolution and matmul of the quantized model (and of its gradient) asks
+  for HIGHEST precision: the default rounds operands to bf16 on TPU and TF32 on
+  recent GPUs, off the 8-bit grid the integer runtime computes on."""
+  model = models.create("mobilenet_v2", num_classes=10, small_input=True, width=0.35,
+                        dw_impl=impl)
+  x = _images(2, 0)
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
+  v = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), v)
+  folded = fold.fold_variables(v, model.bn_eps)
+  qmodel = calibrate.quantized(model, rules.uniform_rules(weight=quant.QuantSpec(bits=8),
+                                                          act=quant.QuantSpec(bits=8)))
+  qvars = jax.eval_shape(lambda: calibrate.init_quant_variables(qmodel, folded["params"], x))
+  loss = lambda t, rest: qmodel.apply({**rest, "thresholds": t}, x).sum()
+  rest = {k: a for k, a in qvars.items() if k != "thresholds"}
+  jaxprs = [jax.make_jaxpr(qmodel.apply)(qvars, x),
+            jax.make_jaxpr(jax.grad(loss))(qvars["thresholds"], rest)]
+  seen = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        grouped = eqn.params.get("feature_group_count", 1) > 1  # a depthwise conv
+        seen.append((eqn.primitive.name + ("_grouped" if grouped else ""),
+                     eqn.params["precision"]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  for j in jaxprs:
+    walk(j.jaxpr)
+  names = {n for n, _ in seen}
+  assert {"dot_general", "conv_general_dilated"} <= names
+  assert ("conv_general_dilated_grouped" in names) == (impl == "conv")
+  highest = jax.lax.Precision.HIGHEST
+  assert all(p in (highest, (highest, highest)) for _, p in seen), seen

@@ -1,0 +1,79 @@
+"""Does the fake-quantized model compute on its 8-bit grid on this backend?
+
+  python -m benchmarks.precision_check [--data_dir=DIR] [--images=500]
+
+Quantizes the shipped Fashion-MNIST MobileNet-v2 at W8A8 per channel
+(calibrated on the first 256 test images), traces it on the default backend
+(``fat.graph.trace``) and gives each layer's integer reference
+(``fat.integer.run_node``: numpy, exact) the simulation's own integer inputs.
+It does this twice: with the models' products at HIGHEST precision
+(``fat.depthwise.PRECISION``, what the library uses) and at the backend's
+DEFAULT. On the CPU both are float32; recent GPUs may run DEFAULT in TF32 and
+TPUs in bfloat16, which moves fake-quantized operands off their grid.
+
+Prints, per precision: how many layer outputs (grid indices) differ from the
+reference, the largest difference in grid steps, and the share of the next
+``--images`` test images whose argmax equals the integer-only run's.
+"""
+
+import numpy as np
+from absl import app, flags
+
+import jax
+
+from fat import calibrate, checkpoints, data, depthwise, fold, graph, integer, models, quant
+from fat import rules
+
+CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/fashion_mnist/mobilenet_v2",
+                                 "float checkpoint directory")
+DATA_DIR = flags.DEFINE_string("data_dir", "", "folder of the Fashion-MNIST idx files "
+                               "('': the Debian package's, else TFDS)")
+IMAGES = flags.DEFINE_integer("images", 500, "test images compared, after the "
+                              "calibration images")
+CALIBRATION = 256
+
+
+def layer_agreement(nodes, acts, x):
+  """(grid indices that differ, all grid indices, largest difference in steps) over
+  all layers."""
+  grids = {n.name: n.out for n in nodes}
+  equal = total = worst = 0
+  for n in nodes:
+    q = integer.run_node(n, {i: acts[i] for i in n.inputs if i != "input"}, grids, x)
+    d = np.abs(q - acts[n.name])
+    equal, total, worst = equal + int((d == 0).sum()), total + d.size, max(worst, int(d.max()))
+  return total - equal, total, worst
+
+
+def main(argv):
+  del argv
+  variables, meta = checkpoints.load(CHECKPOINT.value)
+  model = models.create(meta["model"], **meta["model_kwargs"])
+  folded = fold.fold_variables(variables, model.bn_eps)
+  test = data.load("fashion_mnist", "test", DATA_DIR.value or None)
+  x = data.normalize(test.images[:CALIBRATION + IMAGES.value])
+  cal, x = x[:CALIBRATION], x[CALIBRATION:]
+  qmodel = calibrate.quantized(model, rules.uniform_rules(
+      weight=quant.QuantSpec(bits=8, per_channel=True), act=quant.QuantSpec(bits=8)))
+  qvars = calibrate.init_quant_variables(qmodel, folded["params"], cal[:1])
+  qvars = calibrate.calibrate(qmodel, qvars, [cal[i:i + 64] for i in range(0, CALIBRATION, 64)],
+                              progress=False)
+  device = jax.devices()[0]
+  print(f"backend: {jax.default_backend()} ({device.device_kind}), "
+        f"{len(x)} test images, {meta['model']} width {meta['model_kwargs'].get('width')}")
+  print("| products | layer outputs unequal to the integer reference | largest difference "
+        "(steps) | argmax equal to the integer-only run % |")
+  print("|---|---|---|---|")
+  reference = integer.logits(graph.trace(qmodel, qvars, x[:2]), x).argmax(-1)
+  for precision in (jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT):
+    depthwise.PRECISION = precision  # read when the model is traced
+    jax.clear_caches()
+    nodes, acts = graph.trace(qmodel, qvars, x, return_activations=True)
+    differ, total, worst = layer_agreement(nodes, acts, x)
+    sim = np.asarray(jax.jit(qmodel.apply)(qvars, x)).argmax(-1)
+    print(f"| {precision.name} | {differ:,} of {total:,} | {worst} | "
+          f"{100 * np.mean(sim == reference):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
