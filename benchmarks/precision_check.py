@@ -16,11 +16,14 @@ reference, the largest difference in grid steps, and the share of the next
 ``--images`` test images whose argmax equals the integer-only run's.
 """
 
+import os
+
 import numpy as np
 from absl import app, flags
 
 import jax
 
+from experiments import cli
 from fat import calibrate, checkpoints, data, depthwise, fold, graph, integer, models, quant
 from fat import rules
 
@@ -47,6 +50,14 @@ def layer_agreement(nodes, acts, x):
 
 def main(argv):
   del argv
+  with cli.exit_on_user_error():
+    run()
+
+
+def run():
+  if DATA_DIR.value and not os.path.isdir(DATA_DIR.value):
+    raise data.DataError(f"--data_dir {DATA_DIR.value!r} does not exist; pass the folder "
+                         "holding the four Fashion-MNIST idx .gz files, or leave it empty.")
   variables, meta = checkpoints.load(CHECKPOINT.value)
   model = models.create(meta["model"], **meta["model_kwargs"])
   folded = fold.fold_variables(variables, model.bn_eps)

@@ -13,7 +13,8 @@ from benchmarks import timing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each defines absl flags at import, some with the same names: one process each.
 SCRIPTS = ("depthwise_speed", "fat_step_profile", "fat_vs_qat", "float_step_speed",
-           "lr_sweep", "onnx_latency", "seed_spread", "step_speed", "threshold_stats")
+           "lr_sweep", "onnx_latency", "precision_check", "seed_spread", "step_speed",
+           "threshold_stats")
 
 
 def test_benchmarks_import():
