@@ -39,13 +39,9 @@ CALIBRATION = 256
 def layer_agreement(nodes, acts, x):
   """(grid indices that differ, all grid indices, largest difference in steps) over
   all layers."""
-  grids = {n.name: n.out for n in nodes}
-  equal = total = worst = 0
-  for n in nodes:
-    q = integer.run_node(n, {i: acts[i] for i in n.inputs if i != "input"}, grids, x)
-    d = np.abs(q - acts[n.name])
-    equal, total, worst = equal + int((d == 0).sum()), total + d.size, max(worst, int(d.max()))
-  return total - equal, total, worst
+  diffs = integer.layer_differences(nodes, acts, x).values()
+  return (sum(int(np.count_nonzero(d)) for d in diffs), sum(d.size for d in diffs),
+          max(int(d.max()) for d in diffs))
 
 
 def main(argv):

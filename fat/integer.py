@@ -156,6 +156,15 @@ def run(nodes: list[Node], images: np.ndarray) -> dict[str, np.ndarray]:
   return values
 
 
+def layer_differences(nodes: list[Node], acts: dict, images: np.ndarray) -> dict:
+  """``{node name: |integer output - acts[name]|}`` in grid steps, each node run on
+  the integer inputs in ``acts`` (the simulation's, from
+  ``graph.trace(..., return_activations=True)``), so that differences do not add up."""
+  grids = {n.name: n.out for n in nodes}
+  return {n.name: np.abs(run_node(n, {i: acts[i] for i in n.inputs if i != "input"}, grids,
+                                  images) - acts[n.name]) for n in nodes}
+
+
 def logits(nodes: list[Node], images: np.ndarray, batch_size: int = 100) -> np.ndarray:
   """Dequantized float logits of the integer run, in batches."""
   out = nodes[-1]
