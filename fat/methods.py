@@ -47,7 +47,10 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _guarded(old_state, old_opt, new_state, new_opt, loss):
-  ok = jnp.isfinite(loss) & _all_finite(new_state)
+  # The optimizer state too: a finite gradient above ~1.8e19 overflows Adam's
+  # second moment to inf while its update is 0, which would freeze that
+  # variable until the next reset without any non-finite loss or variable.
+  ok = jnp.isfinite(loss) & _all_finite(new_state) & _all_finite(new_opt)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   return keep(new_state, old_state), keep(new_opt, schedules.reset_adam(old_opt)), ok
 

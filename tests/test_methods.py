@@ -113,6 +113,21 @@ def test_nan_guard_keeps_last_good_thresholds(setup, fat_step):
   assert int(schedule.count) == int(schedule_before.count) == 2
 
 
+def test_nan_guard_catches_an_overflowing_adam_moment():
+  """A finite gradient above ~1.8e19 overflows Adam's second moment to inf while
+  the loss, the update (0) and the variables stay finite; the step is refused."""
+  tx = schedules.fat_optimizer(1e-3, 400, 1e-4)
+  step = methods._make_guarded_step(
+      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), tx, lambda t, _: t)
+  t, opt = {"alpha": jnp.ones(3)}, tx.init({"alpha": jnp.ones(3)})
+  t, opt, m = step(t, opt, {}, jnp.ones(3), None)
+  assert bool(m["finite"])
+  after, after_opt, m = step(t, opt, {}, jnp.array([1e20, 1.0, 1.0]), None)
+  assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
+  np.testing.assert_array_equal(after["alpha"], t["alpha"])
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(after_opt))
+
+
 def test_threshold_bounds_mirror_the_thresholds(setup):
   qmodel, qvars, x, _ = setup
   bounds = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[BOUNDS_COLLECTION])[1])(
