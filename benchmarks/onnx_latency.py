@@ -10,11 +10,12 @@ intra-op threads, and the fp32/int8 ratio (> 1: int8 is faster).
 import os
 
 import numpy as np
-import onnx
 from absl import app, flags
 
 from benchmarks import timing
+from experiments import cli, deploy
 from fat import runtime
+from fat.graph import ExportError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Main-job workdir with export/<setting>/.")
@@ -30,21 +31,29 @@ def median_ms(sess, x, repeats):
 
 def main(argv):
   del argv
-  folder = os.path.join(FLAGS.workdir, "export", FLAGS.setting)
-  paths = {k: os.path.join(folder, f"model_{k}.onnx") for k in ("int8", "fp32")}
-  for p in paths.values():
-    if not os.path.isfile(p):
-      raise SystemExit(f"error: no {p}; run python -m experiments.export "
-                       f"--workdir={FLAGS.workdir} --setting={FLAGS.setting} first.")
+  with cli.exit_on_user_error():
+    folder = os.path.join(FLAGS.workdir, deploy.EXPORT_DIR, FLAGS.setting)
+    paths = {"int8": os.path.join(folder, deploy.INT8), "fp32": os.path.join(folder, deploy.FP32)}
+    for p in paths.values():
+      if not os.path.isfile(p):
+        raise ExportError(f"no {p}; run python -m experiments.export "
+                          f"--workdir={FLAGS.workdir} --setting={FLAGS.setting} first.")
+    sessions = {
+        threads: {k: deploy.open_exported(lambda q, t=threads: runtime.session(q, t), p,
+                                          FLAGS.workdir, FLAGS.setting)
+                  for k, p in paths.items()}
+        for threads in (1, 2)}
+    run(sessions)
+
+
+def run(sessions):
   rng = np.random.default_rng(0)
-  dims = onnx.load(paths["fp32"]).graph.input[0].type.tensor_type.shape.dim[1:]
-  image_shape = [d.dim_value for d in dims]
+  image_shape = sessions[1]["fp32"].get_inputs()[0].shape[1:]
   print(f"setting: {FLAGS.setting}, cores: {os.cpu_count()}")
   print("| batch | threads | fp32 ms | int8 ms | fp32 / int8 |")
   print("|---|---|---|---|---|")
   for batch in (1, 64):
-    for threads in (1, 2):
-      sess = {k: runtime.session(p, threads) for k, p in paths.items()}
+    for threads, sess in sessions.items():
       x = rng.uniform(-1, 1, [batch] + image_shape).astype(np.float32)
       reps = FLAGS.repeats if batch == 1 else max(5, FLAGS.repeats // 5)
       f = median_ms(sess["fp32"], x, reps)

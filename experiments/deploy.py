@@ -110,7 +110,7 @@ def verify(workdir: str, integer_examples: int = 1000) -> dict:
   return report
 
 
-def _session(make, path: str, workdir: str, setting: str):
+def open_exported(make, path: str, workdir: str, setting: str):
   """``make(path)``, with a missing or unreadable ONNX file as an ``ExportError``."""
   try:
     return make(path)
@@ -131,8 +131,8 @@ def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   flt = predict(fmodel.apply, folded, "fp32")
   out_dir = os.path.join(workdir, EXPORT_DIR, setting)
   int8_path, fp32_path = os.path.join(out_dir, INT8), os.path.join(out_dir, FP32)
-  int8_sess, ops = _session(runtime.session_and_ops, int8_path, workdir, setting)
-  fp32_sess = _session(runtime.session, fp32_path, workdir, setting)
+  int8_sess, ops = open_exported(runtime.session_and_ops, int8_path, workdir, setting)
+  fp32_sess = open_exported(runtime.session, fp32_path, workdir, setting)
   nodes = graph.trace(qmodel, qvars, next(split.batches(2))[0])
   n_int = min(integer_examples, len(split))
   # One streamed pass: no more than a batch of images in memory.

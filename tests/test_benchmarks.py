@@ -49,6 +49,21 @@ def test_lr_sweep_rejects_bad_flags(tmp_path, flag, message):
   assert not os.listdir(tmp_path)
 
 
+def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
+  cmd = [sys.executable, "-m", "benchmarks.onnx_latency", f"--workdir={tmp_path}",
+         "--setting=w8"]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "error: no " in r.stderr and "experiments.export" in r.stderr, \
+      r.stderr[-2000:]
+  folder = tmp_path / "export" / "w8"
+  folder.mkdir(parents=True)
+  for name in ("model_int8.onnx", "model_fp32.onnx"):
+    (folder / name).write_bytes(b"not an onnx file")
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "error: cannot load" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
 def test_timed_counts_calls_and_returns_median():
   calls = []
   first, median = timing.timed(lambda: calls.append(1), repeats=3, warmup=2)

@@ -67,7 +67,7 @@ def test_unreadable_onnx_file_is_an_export_error(tmp_path):
   for path in (bad, tmp_path / "missing.onnx"):
     with pytest.raises(ExportError, match="cannot load .*re-run python -m experiments.export "
                                           "--workdir=W --setting=w8"):
-      deploy._session(runtime.session, str(path), "W", "w8")
+      deploy.open_exported(runtime.session, str(path), "W", "w8")
 
 
 def test_integer_examples_must_be_positive(tmp_path):
