@@ -165,7 +165,8 @@ def format_markdown(report: dict) -> str:
   for setting in report["settings"]:
     lines += [_row(setting, name, fp32) for name in _method_order(setting["methods"])]
   lines += ["", "**bold** marks the best PTQ method other than min/max in each setting"
-            " (`best_ptq` in report.json); training columns are"
+            " (`best_ptq` in report.json), chosen by its top-1 on this eval split, so an"
+            " optimistic baseline; FAT's start is chosen without labels. Training columns are"
             " blank for methods without training. FAT vs method: eval images only FAT gets"
             " right / only the method gets right, and the exact McNemar p-value of the"
             " difference (small p: unlikely to be chance)."]
