@@ -8,6 +8,9 @@ how often FAT reaches the best PTQ method of the same seed.
 
   python -m benchmarks.seed_spread --config=configs/default.py --workdir=runs/seeds \\
       --seeds=0,1,2,3,4 --only=w8a8_per_channel
+
+``--reuse`` reads each seed's finished run of the same config instead of
+running it again (the tables of an earlier run, in seconds).
 """
 
 import os
@@ -15,7 +18,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import cli, config_checks
+from experiments import cli, config_checks, run_dir
 from experiments.train import train_and_evaluate
 from fat import report
 
@@ -24,6 +27,8 @@ config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config
 flags.DEFINE_string("workdir", "runs/seeds", "One subfolder per seed goes here.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds to run.")
 flags.DEFINE_list("only", [], "Run only these settings (by name); all when empty.")
+flags.DEFINE_bool("reuse", False, "Read a seed's finished run of the same config "
+                  "(report.json and config.json in its folder) instead of running it again.")
 
 
 def main(argv):
@@ -37,8 +42,10 @@ def main(argv):
     reports = []
     for k in seeds:
       config.seed = k
-      print(f"seed {k}", flush=True)
-      reports.append(train_and_evaluate(config, os.path.join(FLAGS.workdir, f"seed_{k}")))
+      workdir = os.path.join(FLAGS.workdir, f"seed_{k}")
+      done = run_dir.finished_report(workdir, config) if FLAGS.reuse else None
+      print(f"seed {k}" + (f": the finished run in {workdir}" if done else ""), flush=True)
+      reports.append(done or train_and_evaluate(config, workdir))
     print()
     print(report.seed_spread_markdown(reports), end="")
 

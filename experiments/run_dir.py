@@ -10,6 +10,7 @@ the run fails (bad input found late, NaN during training, Ctrl-C),
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from typing import Iterator
@@ -48,3 +49,18 @@ def staged(workdir: str) -> Iterator[str]:
     _publish(stage, workdir)
   else:
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def finished_report(workdir: str, config) -> dict | None:
+  """The ``report.json`` of a finished run in ``workdir`` whose ``config.json``
+  equals ``config`` (an ml_collections config, compared as the JSON the run
+  wrote); None when there is no such run. A run gives the same report for the
+  same config and seed, so benchmarks may read it instead of running again."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    with open(os.path.join(workdir, "report.json")) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return report if saved == json.loads(config.to_json_best_effort()) else None

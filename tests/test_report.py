@@ -176,13 +176,15 @@ def test_plots_raise_on_empty_input(tmp_path, plot, empty):
   assert os.listdir(tmp_path) == []
 
 
-def seed_report(seed, top1, vs_best, fat_agreement=99.0):
+def seed_report(seed, top1, vs_best, fat_agreement=99.0, init=None):
   """A one-setting report; ``top1`` per method, ``vs_best`` the (FAT-only,
-  method-only, p) of the method with the highest PTQ top-1."""
+  method-only, p) of the method with the highest PTQ top-1, ``init`` FAT's start."""
   best = max((m for m in top1 if m.startswith("ptq_")), key=top1.get)
   methods = {}
   for name, t in top1.items():
     methods[name] = {"top1_pct": t, "agreement_pct": fat_agreement if name == "fat" else 99.0}
+    if name == "fat" and init:
+      methods[name]["init"] = init
     if name != "fat":
       f, m, p = vs_best if name == best else (1, 1, 1.0)
       methods[name]["vs_fat"] = {"fat_only_correct": f, "method_only_correct": m, "p_value": p}
@@ -192,9 +194,12 @@ def seed_report(seed, top1, vs_best, fat_agreement=99.0):
 
 def test_seed_spread_table():
   reports = [
-      seed_report(0, {"ptq_minmax": 92.89, "ptq_mse": 92.81, "fat": 92.78}, (24, 35, 0.19), 99.6),
-      seed_report(1, {"ptq_minmax": 92.70, "ptq_mse": 92.75, "fat": 92.80}, (30, 25, 0.59)),
-      seed_report(2, {"ptq_minmax": 92.60, "ptq_mse": 92.90, "fat": 92.50}, (10, 50, 1e-7)),
+      seed_report(0, {"ptq_minmax": 92.89, "ptq_mse": 92.81, "fat": 92.78}, (24, 35, 0.19), 99.6,
+                  init="ptq_mse"),
+      seed_report(1, {"ptq_minmax": 92.70, "ptq_mse": 92.75, "fat": 92.80}, (30, 25, 0.59),
+                  init="ptq_minmax"),
+      seed_report(2, {"ptq_minmax": 92.60, "ptq_mse": 92.90, "fat": 92.50}, (10, 50, 1e-7),
+                  init="ptq_minmax"),
   ]
   lines = rp.seed_spread_markdown(reports).splitlines()
   assert lines[0] == "mobilenet_v2 on fashion_mnist, 3 seeds (0, 1, 2), float top-1 92.80"
@@ -206,7 +211,11 @@ def test_seed_spread_table():
   assert rows[("w8", "ptq_minmax")].endswith("| 92.60 | 92.89 | 99.00 |")
   # Gaps to each seed's best PTQ: 92.78-92.89, 92.80-92.75, 92.50-92.90.
   gap = [l for l in lines if l.startswith("| w8 | ") and "seeds" in l]
-  assert gap == ["| w8 | -0.15 (-0.40, +0.05) | 1/3 seeds | 1/3 seeds |"]
+  # Gaps to FAT's start: 92.78-92.81, 92.80-92.70, 92.50-92.60.
+  assert gap == ["| w8 | -0.15 (-0.40, +0.05) | 1/3 seeds | 1/3 seeds | "
+                 "-0.01 (-0.10, +0.10); 1/3 seeds |"]
+  no_init = [seed_report(0, {"ptq_minmax": 92.6, "fat": 92.7}, (1, 1, 1.0))]
+  assert rp.seed_spread_markdown(no_init).splitlines()[-1].endswith("| – |")
   with pytest.raises(ValueError, match="different settings"):
     rp.seed_spread_markdown([reports[0], {**reports[1], "settings": [{"name": "w4"}]}])
   with pytest.raises(ValueError, match="no reports"):

@@ -39,3 +39,20 @@ def test_a_stale_stage_from_a_killed_run_is_discarded(tmp_path):
   with run_dir.staged(str(tmp_path)) as stage:
     assert os.listdir(stage) == []
   assert os.listdir(tmp_path) == []
+
+
+def test_finished_report_only_for_the_same_config(tmp_path):
+  import json
+
+  from configs import default
+  from fat import report
+  config = default.get_config("smoke")
+  assert run_dir.finished_report(str(tmp_path), config) is None  # nothing there
+  report.write_json(str(tmp_path / "config.json"), json.loads(config.to_json_best_effort()))
+  report.write_json(str(tmp_path / "report.json"), {"seed": 0, "settings": []})
+  assert run_dir.finished_report(str(tmp_path), config) == {"seed": 0, "settings": []}
+  config.seed = 1
+  assert run_dir.finished_report(str(tmp_path), config) is None
+  config.seed = 0
+  (tmp_path / "report.json").write_text("{not json")
+  assert run_dir.finished_report(str(tmp_path), config) is None
