@@ -43,7 +43,9 @@ def distillation_loss(q_logits, f_logits, kind: str = "rmse"):
 
 
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  """True when every leaf is finite (also for a tree without leaves, such as SGD's state)."""
+  return jnp.all(jnp.stack([jnp.array(True)] +
+                           [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _guarded(old_state, old_opt, new_state, new_opt, loss):

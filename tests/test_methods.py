@@ -126,6 +126,12 @@ def test_nan_guard_catches_an_overflowing_adam_moment():
   assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
   np.testing.assert_array_equal(after["alpha"], t["alpha"])
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(after_opt))
+  # An optimizer without state (SGD) passes the guard.
+  sgd = optax.sgd(0.1)
+  step = methods._make_guarded_step(
+      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), sgd, lambda t, _: t)
+  t, _, m = step({"alpha": jnp.ones(3)}, sgd.init({"alpha": jnp.ones(3)}), {}, jnp.ones(3), None)
+  assert bool(m["finite"]) and np.allclose(t["alpha"], 0.9)
 
 
 def test_threshold_bounds_mirror_the_thresholds(setup):
