@@ -66,15 +66,18 @@ def race(name, step, state, batches, predict, make_vars, test, fp32, reference):
 
 def main(argv):
   del argv
-  with cli.exit_on_user_error():
-    run()
+  with cli.exit_on_user_error():  # bad input only: errors while training keep their traceback
+    for name in ("batch_size", "eval_examples", "eval_every", "max_seconds", "target_pt"):
+      if not FLAGS[name].value > 0:
+        raise ValueError(f"--{name} must be positive, got {FLAGS[name].value}.")
+    variables, meta = checkpoints.load(FLAGS.checkpoint)
+    train = data.load("fashion_mnist", "train")
+    test = data.load("fashion_mnist", "test").take(np.arange(FLAGS.eval_examples))
+  run(variables, meta, train, test)
 
 
-def run():
-  variables, meta = checkpoints.load(FLAGS.checkpoint)
+def run(variables, meta, train, test):
   model = models.create(meta["model"], **meta["model_kwargs"])
-  train = data.load("fashion_mnist", "train")
-  test = data.load("fashion_mnist", "test").take(np.arange(FLAGS.eval_examples))
   unlabeled = data.subset(train, 0.1, FLAGS.seed)
   config = default.get_config()
   folded = fold.fold_variables(variables, model.bn_eps)

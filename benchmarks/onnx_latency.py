@@ -43,7 +43,7 @@ def main(argv):
                                           FLAGS.workdir, FLAGS.setting)
                   for k, p in paths.items()}
         for threads in (1, 2)}
-    run(sessions)
+  run(sessions)
 
 
 def run(sessions):

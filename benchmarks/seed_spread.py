@@ -10,7 +10,9 @@ how often FAT reaches the best PTQ method of the same seed.
       --seeds=0,1,2,3,4 --only=w8a8_per_channel
 
 ``--reuse`` reads each seed's finished run of the same config instead of
-running it again (the tables of an earlier run, in seconds).
+running it again (the tables of an earlier run, in seconds). It compares the
+config only: use it for runs of the same code and float checkpoint on this
+machine.
 """
 
 import os
@@ -28,7 +30,8 @@ flags.DEFINE_string("workdir", "runs/seeds", "One subfolder per seed goes here."
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds to run.")
 flags.DEFINE_list("only", [], "Run only these settings (by name); all when empty.")
 flags.DEFINE_bool("reuse", False, "Read a seed's finished run of the same config "
-                  "(report.json and config.json in its folder) instead of running it again.")
+                  "(report.json and config.json in its folder) instead of running it again; "
+                  "only for runs of the same code and float checkpoint on this machine.")
 
 
 def main(argv):
@@ -45,7 +48,7 @@ def main(argv):
       workdir = os.path.join(FLAGS.workdir, f"seed_{k}")
       done = run_dir.finished_report(workdir, config) if FLAGS.reuse else None
       print(f"seed {k}" + (f": the finished run in {workdir}" if done else ""), flush=True)
-      reports.append(done or train_and_evaluate(config, workdir))
+      reports.append(done if done is not None else train_and_evaluate(config, workdir))
     print()
     print(report.seed_spread_markdown(reports), end="")
 

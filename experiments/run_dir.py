@@ -54,8 +54,9 @@ def staged(workdir: str) -> Iterator[str]:
 def finished_report(workdir: str, config) -> dict | None:
   """The ``report.json`` of a finished run in ``workdir`` whose ``config.json``
   equals ``config`` (an ml_collections config, compared as the JSON the run
-  wrote); None when there is no such run. A run gives the same report for the
-  same config and seed, so benchmarks may read it instead of running again."""
+  wrote); None when there is no such run. On one machine, the same code,
+  float checkpoint, config and seed give the same report, so benchmarks may read
+  it instead of running again; only the config is compared here."""
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       saved = json.load(f)

@@ -4,7 +4,7 @@ FAT (METHOD.md section 3): only ``thresholds`` (alpha, beta) are trained, by
 distillation between the float model's logits and the quantized model's
 logits on unlabeled images. Full QAT trains ``params`` and ``thresholds``
 with labels and cross-entropy. Both steps carry a NaN guard: a step whose
-loss or new variables are not finite is dropped, the last good state is kept
+loss, new variables or new optimizer state are not finite is dropped, the last good state is kept
 and Adam's moments are reset (``schedules.reset_adam``; the learning-rate
 schedule keeps its step).
 

@@ -183,7 +183,7 @@ def seed_spread_markdown(reports: list[dict]) -> str:
   gap in points, in how many seeds FAT reaches it, and in how many it is below
   with McNemar p < 0.05. The last column compares FAT with the PTQ method chosen
   without labels, FAT's own start (``init``: the lowest distillation loss on the
-  calibration images).
+  calibration images), over the reports that record it.
   """
   if not reports:
     raise ValueError("seed_spread_markdown: no reports given.")

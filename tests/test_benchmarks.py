@@ -64,6 +64,50 @@ def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--checkpoint=/nonexistent/ckpt", "no checkpoint at '/nonexistent/ckpt'"),
+    ("--max_seconds=0", "--max_seconds must be positive"),
+])
+def test_fat_vs_qat_rejects_bad_input(flag, message):
+  r = subprocess.run([sys.executable, "-m", "benchmarks.fat_vs_qat", flag], cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
+
+
+def test_seed_spread_reuse_reads_finished_runs(tmp_path):
+  """With --reuse a seed whose folder holds a finished run of the same config is read,
+  not run (a run would fail here: the config names no float checkpoint)."""
+  import json
+
+  from configs import default
+  from fat import report
+  config = default.get_config("smoke")
+  config.model_checkpoint = "/nonexistent/ckpt"
+  ptq = {"top1_pct": 90.0, "agreement_pct": 95.0,
+         "vs_fat": {"fat_only_correct": 3, "method_only_correct": 1, "p_value": 0.62}}
+  for k in (0, 1):
+    config.seed = k
+    folder = tmp_path / f"seed_{k}"
+    folder.mkdir()
+    report.write_json(str(folder / "config.json"), json.loads(config.to_json_best_effort()))
+    report.write_json(str(folder / "report.json"), {
+        "model": "mobilenet_v2", "dataset": "fashion_mnist", "seed": k,
+        "fp32": {"top1_pct": 91.0},
+        "settings": [{"name": "w8", "methods": {
+            "ptq_minmax": ptq, "fat": {"top1_pct": 90.5 + k / 10, "agreement_pct": 96.0,
+                                       "init": "ptq_minmax"}}}]})
+  cmd = [sys.executable, "-m", "benchmarks.seed_spread", "--config=configs/default.py:smoke",
+         "--config.model_checkpoint=/nonexistent/ckpt", f"--workdir={tmp_path}", "--seeds=0,1"]
+  r = subprocess.run(cmd + ["--reuse"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"seed 1: the finished run in {tmp_path / 'seed_1'}" in r.stdout
+  assert "| w8 | fat | 90.55 | 0.07 | 90.50 | 90.60 | 96.00 |" in r.stdout
+  assert "| w8 | +0.55 (+0.50, +0.60) | 2/2 seeds | 0/2 seeds | +0.55 (+0.50, +0.60); 2/2 seeds |" \
+      in r.stdout
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "no checkpoint at '/nonexistent/ckpt'" in r.stderr  # it ran
+
+
 def test_timed_counts_calls_and_returns_median():
   calls = []
   first, median = timing.timed(lambda: calls.append(1), repeats=3, warmup=2)
