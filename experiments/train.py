@@ -73,9 +73,9 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
   """The NaN guard reverts single bad steps; an epoch of only bad steps is an error."""
   if skipped == steps:
     raise FloatingPointError(
-        f"{what}: every step of epoch {epoch + 1} gave a non-finite loss, variables or optimizer "
-        f"state, so "
-        f"nothing was trained; lower {knob} or check the float checkpoint.")
+        f"{what}: every step of epoch {epoch + 1} gave a non-finite loss, variables or "
+        f"optimizer state, so nothing was trained; lower {knob} or check the float "
+        "checkpoint.")
   return skipped
 
 

@@ -4,9 +4,9 @@ FAT (METHOD.md section 3): only ``thresholds`` (alpha, beta) are trained, by
 distillation between the float model's logits and the quantized model's
 logits on unlabeled images. Full QAT trains ``params`` and ``thresholds``
 with labels and cross-entropy. Both steps carry a NaN guard: a step whose
-loss, new variables or new optimizer state are not finite is dropped, the last good state is kept
-and Adam's moments are reset (``schedules.reset_adam``; the learning-rate
-schedule keeps its step).
+loss, new variables or new optimizer state are not finite is dropped, the
+last good state is kept and Adam's moments are reset
+(``schedules.reset_adam``; the learning-rate schedule keeps its step).
 
 After each update the thresholds are projected onto their clip ranges
 (alpha into ``alpha_range``, beta into ``beta_range``). The forward pass

@@ -217,11 +217,19 @@ def seed_spread_markdown(reports: list[dict]) -> str:
       gaps.append(s["methods"]["fat"]["top1_pct"] - s["methods"][best]["top1_pct"])
       t = s["methods"][best]["vs_fat"]
       below += int(t["p_value"] < 0.05 and t["method_only_correct"] > t["fat_only_correct"])
-    start = (f"{np.mean(vs_start):+.2f} ({min(vs_start):+.2f}, {max(vs_start):+.2f}); "
-             f"{sum(g >= 0 for g in vs_start)}/{len(vs_start)} seeds" if vs_start else "–")
-    gap.append(f"| {name} | {np.mean(gaps):+.2f} ({min(gaps):+.2f}, {max(gaps):+.2f}) | "
-               f"{sum(g >= 0 for g in gaps)}/{n} seeds | {below}/{n} seeds | {start} |")
+    start = f"{_spread(vs_start)}; {_reached(vs_start)}" if vs_start else "–"
+    gap.append(f"| {name} | {_spread(gaps)} | {_reached(gaps)} | {below}/{n} seeds | {start} |")
   return "\n".join(top + gap) + "\n"
+
+
+def _spread(gaps: list[float]) -> str:
+  """``mean (min, max)`` of top-1 differences in points, signed."""
+  return f"{np.mean(gaps):+.2f} ({min(gaps):+.2f}, {max(gaps):+.2f})"
+
+
+def _reached(gaps: list[float]) -> str:
+  """In how many seeds FAT is at least the other method: ``k/n seeds``."""
+  return f"{sum(g >= 0 for g in gaps)}/{len(gaps)} seeds"
 
 
 def _kept_loss(fat: dict) -> tuple[float, float, int]:
