@@ -95,7 +95,7 @@ def test_paper_config_loads_and_builds(name):
   module = importlib.import_module(f"configs.paper.{name}")
   assert f"--config=configs/paper/{name}.py" in module.__doc__
   assert re.search(r"paper top-1 \d+(\.\d+)?", module.__doc__)
-  for arg in ("runlocal", ""):
+  for arg in ("smoke", ""):
     config = module.get_config(arg)
     config_checks.validate(config)
     assert f"paper top-1 {config.paper.top1_pct}" in module.__doc__
@@ -180,12 +180,12 @@ def test_missing_pretrained_file_is_explained(tmp_path):
 
 
 def test_paper_row_runs_end_to_end_on_fake_imagenet(tmp_path):
-  """configs/paper/released_mnasnet_050_224.py, runlocal: 64 px, 2 FAT steps, fake data."""
+  """configs/paper/released_mnasnet_050_224.py, smoke: 64 px, 2 FAT steps, fake data."""
   root = write_image_folder(tmp_path / "imagenet", per_class=2)  # 6 train, 6 validation
   ckpt = save_tf_checkpoint(str(tmp_path / "model.ckpt"),
                             tf_mnasnet_tensors(0.5, len(CLASSES)))
   from configs.paper import released_mnasnet_050_224 as cfg
-  config = cfg.get_config("runlocal")
+  config = cfg.get_config("smoke")
   config.dataset = "imagenet_folder"
   config.data_dir = root
   config.pretrained.path = ckpt

@@ -5,7 +5,7 @@ Every paper config is one network x one quantization setting on ImageNet
 downloaded (configs/paper/README.md). Paths are set on the command line:
 ``--config.data_dir`` (TFDS data dir) and ``--config.pretrained.path``.
 
-``arg="runlocal"`` shrinks everything for a quick run on small or fake data:
+``arg="smoke"`` shrinks everything for a quick run on small or fake data:
 64 px, a handful of eval and calibration images, one FAT epoch at batch 2 (on a
 4-image train split, as in tests/test_paper.py, two steps).
 
@@ -34,8 +34,8 @@ NETS = {
 def paper_config(net: str, *, per_channel: bool, asymmetric: bool, paper_top1: float,
                  arg: str = "") -> ml_collections.ConfigDict:
   """W8A8 on ``net``: per-tensor or per-channel weights, symmetric or asymmetric quantizers."""
-  if arg not in ("", "runlocal"):
-    raise ValueError(f"paper configs take '' or 'runlocal', got {arg!r}.")
+  if arg not in ("", "smoke"):
+    raise ValueError(f"paper configs take '' or 'smoke', got {arg!r}.")
   fmt, path, preprocess, size = NETS[net]
   kind = "asymmetric" if asymmetric else "symmetric"
   name = f"w8a8_{'per_channel' if per_channel else 'per_tensor'}_{'asym' if asymmetric else 'sym'}"
@@ -57,7 +57,7 @@ def paper_config(net: str, *, per_channel: bool, asymmetric: bool, paper_top1: f
   c.fat.select_every = 0       # keep_best scores at epoch ends: 512 images at 224 px
   c.fat.patience = 0           # the paper trains every epoch
   c.log_every = 100
-  if arg == "runlocal":
+  if arg == "smoke":
     c.image_size = 64
     c.eval_examples = 8
     c.eval_batch_size = 4
