@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fat import (calibrate, checkpoints, data, evaluate, export_onnx, graph, integer, models,
                  runtime)
 from fat import report as report_lib
-from fat.graph import ExportError
+from fat.errors import CheckpointError, ExportError
 from experiments.train import setting_rules
 import ml_collections
 
@@ -32,12 +32,12 @@ VERIFY_BATCH = 500
 def setting_names(workdir: str) -> list[str]:
   root = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(root):
-    raise checkpoints.CheckpointError(
+    raise CheckpointError(
         f"no main-job checkpoints under {root!r}; run the main job with --workdir={workdir} "
         "first.")
   names = sorted(d for d in os.listdir(root) if not d.endswith(".tmp"))
   if not names:
-    raise checkpoints.CheckpointError(
+    raise CheckpointError(
         f"no finished setting under {root!r}; run the main job with --workdir={workdir} "
         "to the end first.")
   return names
@@ -47,7 +47,7 @@ def load_setting(workdir: str, setting: str):
   """``(qmodel, qvars, meta)`` of one setting of a main-job workdir."""
   path = os.path.join(workdir, "checkpoints", setting)
   if not os.path.isdir(path):
-    raise checkpoints.CheckpointError(
+    raise CheckpointError(
         f"no setting {setting!r} in {workdir!r}; it has {setting_names(workdir)}.")
   qvars, meta = checkpoints.load(path)
   checkpoints.require(meta, ("model", "model_kwargs", "config", "fat", "dataset",

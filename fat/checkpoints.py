@@ -15,12 +15,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fat.errors import CheckpointError  # also fat.checkpoints.CheckpointError, its older name
+
 META = "meta.json"
 STATE = "state"
-
-
-class CheckpointError(ValueError):
-  """A missing or unreadable checkpoint."""
 
 
 def _to_host(a):

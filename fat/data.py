@@ -4,7 +4,12 @@ Fashion-MNIST is read from ``data_dir`` when it is set (the four idx ``.gz``
 files, or a TFDS data dir holding ``fashion_mnist``); otherwise from the
 Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
 or else from TFDS ``fashion_mnist``.
-ImageNet sources live in ``fat/imagenet.py``.
+ImageNet sources live in ``fat/imagenet.py``; ``load`` picks the source of a
+dataset name. Imports go one way: this module imports ``fat.imagenet``, which
+imports nothing from here.
+
+Every split, in memory (``Split``) or streamed (``fat.imagenet.StreamSplit``),
+is a ``SplitLike``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import dataclasses
 import gzip
 import os
 import zlib
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
+
+from fat import imagenet
+from fat.errors import DataError  # also fat.data.DataError, its older name
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -26,13 +34,38 @@ DATASETS = ("fashion_mnist", "imagenet2012", "imagenet_folder")
 IMAGENET_SOURCES = {"imagenet2012": "tfds", "imagenet_folder": "folder"}
 
 
-class DataError(ValueError):
-  """Data that is missing or malformed; the message says how to fix it."""
+@runtime_checkable
+class SplitLike(Protocol):
+  """What the jobs use of a split, in memory or streamed.
+
+  ``batches`` yields normalized float32 ``(images, labels)``, or
+  ``(images, labels, index)`` with ``with_index=True``; its keywords are
+  ``seed``, ``epochs``, ``drop_remainder``, ``augment_images`` and ``with_index``.
+  ``head`` and ``sample`` return splits of the same kind. ``isinstance`` checks
+  only that the members exist; on Python 3.11 it reads ``labels``, which for
+  a TFDS split is a pass over its records.
+  """
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Integer labels (N,), in split order."""
+
+  def __len__(self) -> int:
+    ...
+
+  def head(self, n: int) -> "SplitLike":
+    """The first ``n`` examples (all of them if fewer)."""
+
+  def sample(self, fraction: float, seed: int) -> "SplitLike":
+    """A uniform random ``fraction`` (at least one example), fixed by ``seed``."""
+
+  def batches(self, batch_size: int, **kwargs) -> Iterator:
+    """Batches as described above."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Images (N, H, W, C) uint8 and integer labels (N,)."""
+  """Images (N, H, W, C) uint8 and integer labels (N,), in memory: a ``SplitLike``."""
 
   images: np.ndarray
   labels: np.ndarray
@@ -43,7 +76,7 @@ class Split:
   def take(self, idx) -> "Split":
     return Split(self.images[idx], self.labels[idx])
 
-  # The batch interface shared with fat.imagenet.StreamSplit.
+  # SplitLike, shared with fat.imagenet.StreamSplit.
   def head(self, n: int) -> "Split":
     return self.take(np.arange(min(n, len(self))))
 
@@ -126,19 +159,17 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> Split:
 
 
 def load(dataset: str, split: str, data_dir: str | None = None, *, preprocess: str = "keras",
-         image_size: int = 224, manual_dir: str | None = None):
+         image_size: int = 224, manual_dir: str | None = None) -> SplitLike:
   """``split`` ("train" or "test") of ``dataset``.
 
   Fashion-MNIST comes as an in-memory ``Split``; ImageNet ("imagenet2012":
   TFDS, "imagenet_folder": an image folder) as a ``fat.imagenet.StreamSplit``
   preprocessed as ``preprocess`` (a key of ``fat.imagenet.PREPROCESS``) at
-  ``image_size``. Both have ``len``, ``labels``, ``head``, ``sample`` and
-  ``batches``.
+  ``image_size``. Both are ``SplitLike``.
   """
   if dataset == "fashion_mnist":
     return load_fashion_mnist(split, data_dir)
   if dataset in IMAGENET_SOURCES:
-    from fat import imagenet  # pylint: disable=import-outside-toplevel
     return imagenet.load(IMAGENET_SOURCES[dataset], split, data_dir,
                          imagenet.preprocess_for(preprocess, image_size), manual_dir)
   raise DataError(f"unknown dataset {dataset!r}; known: {DATASETS}.")

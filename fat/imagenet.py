@@ -11,10 +11,13 @@ Two sources, one pipeline:
 
 Images are decoded, center-cropped and resized as the weight source was
 trained (``PREPROCESS``), then normalized; the model sees float32 NHWC.
-``StreamSplit`` offers the same batch interface as the in-memory
-``fat.data.Split``: ``batches(...)`` yielding ``(x, y)`` or ``(x, y, index)``,
+``StreamSplit`` is a ``fat.data.SplitLike``, as the in-memory
+``fat.data.Split`` is: ``batches(...)`` yielding ``(x, y)`` or ``(x, y, index)``,
 ``head(n)``, ``sample(fraction, seed)`` and ``labels``. Views (head, sample)
 keep positions into the base split, so they are exact and deterministic.
+
+This module imports nothing from ``fat.data`` (which imports it): errors come
+from ``fat.errors``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fat.data import DataError
+from fat.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,6 +18,15 @@ def test_round_trip_keeps_variables_and_meta(tmp_path):
   assert meta == {"model": "mobilenet_v2", "n": 3}
 
 
+def test_error_classes_keep_their_old_names():
+  from fat import data, errors
+  assert checkpoints.CheckpointError is errors.CheckpointError
+  assert data.DataError is errors.DataError
+  assert deploy.ExportError is errors.ExportError
+  for e in (errors.CheckpointError, errors.DataError, errors.ExportError):
+    assert issubclass(e, errors.UserError)
+
+
 def test_save_barriers_wait_only_for_process_0(tmp_path, monkeypatch):
   """Only process 0 calls save, so every orbax barrier in it must be limited to
   process 0; a barrier over all processes would wait forever on several hosts."""
@@ -61,7 +70,7 @@ def test_workdir_without_finished_settings_is_named(tmp_path):
 
 def test_unreadable_onnx_file_is_an_export_error(tmp_path):
   from fat import runtime
-  from fat.graph import ExportError
+  from fat.errors import ExportError
   bad = tmp_path / "model_int8.onnx"
   bad.write_bytes(b"not a protobuf")
   for path in (bad, tmp_path / "missing.onnx"):

@@ -68,6 +68,24 @@ def test_views_and_shuffling_are_deterministic(tmp_path):
   assert not np.array_equal(a[0][2], a[1][2])  # epochs are reshuffled
 
 
+def test_in_memory_and_streamed_splits_are_split_like(tmp_path):
+  """Both kinds, and the views the jobs take of them, have what data.SplitLike names."""
+  root = write_image_folder(tmp_path)
+  streamed = data.load("imagenet_folder", "train", root, image_size=8)
+  in_memory = data.Split(np.zeros((4, 8, 8, 3), np.uint8), np.arange(4, dtype=np.int32))
+  assert isinstance(streamed, imagenet.StreamSplit) and isinstance(in_memory, data.Split)
+  for split in (streamed, in_memory):
+    for view in (split, split.head(2), split.sample(0.5, seed=0)):
+      assert isinstance(view, data.SplitLike), type(view)
+
+  class NoSample:  # everything but sample(), which the main job takes of its train split
+    labels = np.zeros(1, np.int32)
+    __len__ = lambda self: 1
+    head = lambda self, n: self
+    batches = lambda self, batch_size, **kwargs: iter(())
+  assert not isinstance(NoSample(), data.SplitLike)
+
+
 def test_preprocessing_values_and_crop():
   # A uniform image maps to (v - mean) / std, whatever the crop and resize.
   p = imagenet.preprocess_for("tf_mnasnet", 24)
