@@ -9,20 +9,15 @@ whose metadata names the model, the setting and the eval data.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from fat import (calibrate, checkpoints, data, evaluate, export_onnx, graph, integer, models,
-                 runtime)
-from fat import report as report_lib
+from fat import (atomic, calibrate, checkpoints, data, evaluate, export_onnx, graph, integer,
+                 models, pipeline, runtime)
 from fat.errors import CheckpointError, ExportError
-from experiments.train import setting_rules
-import ml_collections
 
 EXPORT_DIR = "export"
 INT8, FP32 = "model_int8.onnx", "model_fp32.onnx"
@@ -53,8 +48,7 @@ def load_setting(workdir: str, setting: str):
   checkpoints.require(meta, ("model", "model_kwargs", "config", "fat", "dataset",
                              "eval_examples"), path, "re-run the main job")
   model = models.create(meta["model"], **meta["model_kwargs"])
-  rules = setting_rules(ml_collections.ConfigDict(meta["config"]),
-                        ml_collections.ConfigDict(meta["fat"]))
+  rules = pipeline.config_rules(meta["config"], meta["fat"])
   return calibrate.quantized(model, rules), qvars, meta
 
 
@@ -76,18 +70,14 @@ def export(workdir: str, setting: str | None = None) -> str:
   shape = (None,) + sample.shape[1:]
   int8, fp32 = export_onnx.to_qdq(nodes, shape), export_onnx.to_float(nodes, shape)
   out = os.path.join(workdir, EXPORT_DIR, setting)
-  tmp = out + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  onnx.save(int8, os.path.join(tmp, INT8))
-  onnx.save(fp32, os.path.join(tmp, FP32))
-  with open(os.path.join(tmp, "export.json"), "w") as f:
-    json.dump({"setting": setting, "model": meta["model"], "model_kwargs": meta["model_kwargs"],
-               "opset": export_onnx.OPSET, "nodes": len(nodes),
-               "ops": {op: sum(n.op == op for n in nodes)
-                       for op in ("quantize", "conv", "add", "mean", "dense")}}, f, indent=2)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
+  with atomic.staged_dir(out) as tmp:
+    onnx.save(int8, os.path.join(tmp, INT8))
+    onnx.save(fp32, os.path.join(tmp, FP32))
+    atomic.write_json(os.path.join(tmp, "export.json"), {
+        "setting": setting, "model": meta["model"], "model_kwargs": meta["model_kwargs"],
+        "opset": export_onnx.OPSET, "nodes": len(nodes),
+        "ops": {op: sum(n.op == op for n in nodes)
+                for op in ("quantize", "conv", "add", "mean", "dense")}})
   return out
 
 
@@ -106,7 +96,7 @@ def verify(workdir: str, integer_examples: int = 1000) -> dict:
   report = {"settings": []}
   for setting in exported:
     report["settings"].append(_verify_setting(workdir, setting, integer_examples))
-  report_lib.write_json(os.path.join(workdir, "onnx_report.json"), report)
+  atomic.write_json(os.path.join(workdir, "onnx_report.json"), report)
   return report
 
 

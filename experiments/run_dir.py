@@ -9,28 +9,24 @@ the run fails (bad input found late, NaN during training, Ctrl-C),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-from typing import Iterator
+from typing import ContextManager
 
 import jax
+
+from fat import atomic
 
 STAGE = ".partial"
 
 
 def _publish(stage: str, workdir: str) -> None:
+  """Moves each entry of ``stage`` into ``workdir``, replacing one of the same name."""
   for name in sorted(os.listdir(stage)):
-    src, dst = os.path.join(stage, name), os.path.join(workdir, name)
-    if os.path.isdir(dst) and not os.path.islink(dst):
-      shutil.rmtree(dst)
-    os.replace(src, dst)
-  os.rmdir(stage)
+    atomic.replace(os.path.join(stage, name), os.path.join(workdir, name))
 
 
-@contextlib.contextmanager
-def staged(workdir: str) -> Iterator[str]:
+def staged(workdir: str) -> ContextManager[str]:
   """Yields the folder to write into; publishes it into ``workdir`` on success.
 
   Only process 0 publishes; other processes stage into their own folder
@@ -38,17 +34,7 @@ def staged(workdir: str) -> Iterator[str]:
   """
   pid = jax.process_index()
   stage = os.path.join(workdir, STAGE if pid == 0 else f"{STAGE}-{pid}")
-  shutil.rmtree(stage, ignore_errors=True)
-  os.makedirs(stage)
-  try:
-    yield stage
-  except BaseException:
-    shutil.rmtree(stage, ignore_errors=True)
-    raise
-  if pid == 0:
-    _publish(stage, workdir)
-  else:
-    shutil.rmtree(stage, ignore_errors=True)
+  return atomic.staging(stage, (lambda s: _publish(s, workdir)) if pid == 0 else None)
 
 
 def finished_report(workdir: str, config) -> dict | None:

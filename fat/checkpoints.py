@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import pathlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fat import atomic
 from fat.errors import CheckpointError  # also fat.checkpoints.CheckpointError, its older name
 
 META = "meta.json"
@@ -31,24 +32,19 @@ def _to_host(a):
 def save(path: str, variables, meta: dict) -> None:
   """Writes ``variables`` and ``meta`` to ``path``, replacing an older checkpoint.
 
-  The checkpoint is written to ``path.tmp`` and renamed, so an interrupted
-  save never leaves a half-written checkpoint at ``path``.
+  The checkpoint is written to ``path.tmp`` and renamed (``atomic.staged_dir``),
+  so an interrupted save never leaves a half-written checkpoint at ``path``.
   """
   if jax.process_index() != 0:  # multi-host: replicated state, one writer
     return
-  path = os.path.abspath(path)
-  tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   host = jax.tree.map(_to_host, variables)
   # Only process 0 gets here: orbax's save barrier must not wait for the others.
   only_0 = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
-  with ocp.StandardCheckpointer(multiprocessing_options=only_0) as ckptr:
-    ckptr.save(os.path.join(tmp, STATE), host)
-  with open(os.path.join(tmp, META), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)
+  with atomic.staged_dir(path) as tmp:
+    with ocp.StandardCheckpointer(multiprocessing_options=only_0) as ckptr:
+      ckptr.save(os.path.join(tmp, STATE), host)
+    # The bytes of json.dump, as the committed checkpoints' meta.json files hold them.
+    pathlib.Path(tmp, META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_meta(path: str) -> dict:

@@ -18,6 +18,16 @@ def test_round_trip_keeps_variables_and_meta(tmp_path):
   assert meta == {"model": "mobilenet_v2", "n": 3}
 
 
+def test_failed_save_keeps_the_old_checkpoint(tmp_path):
+  path = str(tmp_path / "c")
+  checkpoints.save(path, {"w": np.ones(2, np.float32)}, {"model": "old"})
+  with pytest.raises(TypeError, match="not JSON serializable"):
+    checkpoints.save(path, {"w": np.zeros(3, np.float32)}, {"model": object()})
+  got, meta = checkpoints.load(path)
+  np.testing.assert_array_equal(got["w"], np.ones(2, np.float32))
+  assert meta == {"model": "old"} and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_error_classes_keep_their_old_names():
   from fat import data, errors
   assert checkpoints.CheckpointError is errors.CheckpointError

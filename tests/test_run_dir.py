@@ -1,10 +1,12 @@
-"""A run's outputs reach the workdir only when it succeeds (experiments/run_dir.py)."""
+"""A run's outputs reach the workdir only when it succeeds (experiments/run_dir.py), and
+a folder written with fat.atomic.staged_dir appears whole or not at all."""
 
 import os
 
 import pytest
 
 from experiments import run_dir
+from fat import atomic
 
 
 def test_success_publishes_and_replaces_older_outputs(tmp_path):
@@ -41,15 +43,49 @@ def test_a_stale_stage_from_a_killed_run_is_discarded(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_only_process_0_publishes(tmp_path, monkeypatch):
+  import jax
+  (tmp_path / "report.json").write_text("old")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with run_dir.staged(str(tmp_path)) as stage:
+    assert stage == os.path.join(str(tmp_path), f"{run_dir.STAGE}-1")
+    with open(os.path.join(stage, "report.json"), "w") as f:
+      f.write("new")
+  assert os.listdir(tmp_path) == ["report.json"]
+  assert (tmp_path / "report.json").read_text() == "old"
+
+
+def test_staged_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
+  path = tmp_path / "export" / "w8"
+  with atomic.staged_dir(str(path)) as tmp:
+    assert tmp == str(path) + atomic.TMP_SUFFIX and os.listdir(tmp) == []
+    with open(os.path.join(tmp, "a"), "w") as f:
+      f.write("1")
+    assert not path.exists()  # nothing at the destination before the end
+  assert os.listdir(path) == ["a"]
+  with pytest.raises(RuntimeError, match="boom"):
+    with atomic.staged_dir(str(path)) as tmp:
+      with open(os.path.join(tmp, "b"), "w") as f:
+        f.write("2")
+      raise RuntimeError("boom")
+  assert os.listdir(path) == ["a"] and os.listdir(tmp_path / "export") == ["w8"]
+  stale = tmp_path / "export" / ("w8" + atomic.TMP_SUFFIX)  # left by a killed run
+  stale.mkdir()
+  (stale / "c").write_text("3")
+  with atomic.staged_dir(str(path)) as tmp:
+    with open(os.path.join(tmp, "b"), "w") as f:
+      f.write("2")
+  assert os.listdir(path) == ["b"] and os.listdir(tmp_path / "export") == ["w8"]
+
+
 def test_finished_report_only_for_the_same_config(tmp_path):
   import json
 
   from configs import default
-  from fat import report
   config = default.get_config("smoke")
   assert run_dir.finished_report(str(tmp_path), config) is None  # nothing there
-  report.write_json(str(tmp_path / "config.json"), json.loads(config.to_json_best_effort()))
-  report.write_json(str(tmp_path / "report.json"), {"seed": 0, "settings": []})
+  atomic.write_json(str(tmp_path / "config.json"), json.loads(config.to_json_best_effort()))
+  atomic.write_json(str(tmp_path / "report.json"), {"seed": 0, "settings": []})
   assert run_dir.finished_report(str(tmp_path), config) == {"seed": 0, "settings": []}
   config.seed = 1
   assert run_dir.finished_report(str(tmp_path), config) is None
