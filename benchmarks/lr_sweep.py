@@ -18,9 +18,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import tables
 from experiments import cli, config_checks
 from experiments.train import train_and_evaluate
-from fat import report
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config.")
@@ -57,7 +57,7 @@ def main(argv):
         runs.setdefault(lr, []).append(
             train_and_evaluate(config, os.path.join(FLAGS.workdir, f"lr_{lr:g}", f"seed_{k}")))
     print()
-    print(report.lr_sweep_markdown(runs), end="")
+    print(tables.lr_sweep_markdown(runs), end="")
 
 
 if __name__ == "__main__":

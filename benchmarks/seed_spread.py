@@ -20,9 +20,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import tables
 from experiments import cli, config_checks, run_dir
 from experiments.train import train_and_evaluate
-from fat import report
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config.")
@@ -50,7 +50,7 @@ def main(argv):
       print(f"seed {k}" + (f": the finished run in {workdir}" if done else ""), flush=True)
       reports.append(done if done is not None else train_and_evaluate(config, workdir))
     print()
-    print(report.seed_spread_markdown(reports), end="")
+    print(tables.seed_spread_markdown(reports), end="")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The benchmark scripts import, the seed-spread and lr-sweep scripts reject bad flags, and
-the shared timing helper times what it is given."""
+"""The benchmark scripts import, the seed-spread and lr-sweep scripts reject bad flags and
+their tables (benchmarks/tables.py) hold what the reports say, and the shared timing helper
+times what it is given."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import timing
+from benchmarks import tables, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each defines absl flags at import, some with the same names: one process each.
@@ -80,7 +81,7 @@ def test_seed_spread_reuse_reads_finished_runs(tmp_path):
   import json
 
   from configs import default
-  from fat import report
+  from fat import atomic
   config = default.get_config("smoke")
   config.model_checkpoint = "/nonexistent/ckpt"
   ptq = {"top1_pct": 90.0, "agreement_pct": 95.0,
@@ -89,8 +90,8 @@ def test_seed_spread_reuse_reads_finished_runs(tmp_path):
     config.seed = k
     folder = tmp_path / f"seed_{k}"
     folder.mkdir()
-    report.write_json(str(folder / "config.json"), json.loads(config.to_json_best_effort()))
-    report.write_json(str(folder / "report.json"), {
+    atomic.write_json(str(folder / "config.json"), json.loads(config.to_json_best_effort()))
+    atomic.write_json(str(folder / "report.json"), {
         "model": "mobilenet_v2", "dataset": "fashion_mnist", "seed": k,
         "fp32": {"top1_pct": 91.0},
         "settings": [{"name": "w8", "methods": {
@@ -130,3 +131,80 @@ def test_threshold_stats_counts_alphas_by_role_and_place():
   assert c["weight"] == {"n": 5, "below": 0, "at_lo": 1, "inside": 2, "at_hi": 1, "above": 1}
   assert c["activation"] == {"n": 3, "below": 1, "at_lo": 0, "inside": 1, "at_hi": 1,
                              "above": 0}
+
+
+def seed_report(seed, top1, vs_best, fat_agreement=99.0, init=None):
+  """A one-setting report; ``top1`` per method, ``vs_best`` the (FAT-only,
+  method-only, p) of the method with the highest PTQ top-1, ``init`` FAT's start."""
+  best = max((m for m in top1 if m.startswith("ptq_")), key=top1.get)
+  methods = {}
+  for name, t in top1.items():
+    methods[name] = {"top1_pct": t, "agreement_pct": fat_agreement if name == "fat" else 99.0}
+    if name == "fat" and init:
+      methods[name]["init"] = init
+    if name != "fat":
+      f, m, p = vs_best if name == best else (1, 1, 1.0)
+      methods[name]["vs_fat"] = {"fat_only_correct": f, "method_only_correct": m, "p_value": p}
+  return {"model": "mobilenet_v2", "dataset": "fashion_mnist", "seed": seed,
+          "fp32": {"top1_pct": 92.8}, "settings": [{"name": "w8", "methods": methods}]}
+
+
+def test_seed_spread_table():
+  reports = [
+      seed_report(0, {"ptq_minmax": 92.89, "ptq_mse": 92.81, "fat": 92.78}, (24, 35, 0.19), 99.6,
+                  init="ptq_mse"),
+      seed_report(1, {"ptq_minmax": 92.70, "ptq_mse": 92.75, "fat": 92.80}, (30, 25, 0.59),
+                  init="ptq_minmax"),
+      seed_report(2, {"ptq_minmax": 92.60, "ptq_mse": 92.90, "fat": 92.50}, (10, 50, 1e-7),
+                  init="ptq_minmax"),
+  ]
+  lines = tables.seed_spread_markdown(reports).splitlines()
+  assert lines[0] == "mobilenet_v2 on fashion_mnist, 3 seeds (0, 1, 2), float top-1 92.80"
+  rows = {tuple(c.strip() for c in l.strip("|").split("|")[:2]): l for l in lines if
+          l.startswith("| w8 |")}
+  fat = np.array([92.78, 92.80, 92.50])
+  assert rows[("w8", "fat")] == (f"| w8 | fat | {fat.mean():.2f} | {np.std(fat, ddof=1):.2f} "
+                                 "| 92.50 | 92.80 | 99.20 |")  # agreement: (99.6 + 2 * 99) / 3
+  assert rows[("w8", "ptq_minmax")].endswith("| 92.60 | 92.89 | 99.00 |")
+  # Gaps to each seed's best PTQ: 92.78-92.89, 92.80-92.75, 92.50-92.90.
+  gap = [l for l in lines if l.startswith("| w8 | ") and "seeds" in l]
+  # Gaps to FAT's start: 92.78-92.81, 92.80-92.70, 92.50-92.60.
+  assert gap == ["| w8 | -0.15 (-0.40, +0.05) | 1/3 seeds | 1/3 seeds | "
+                 "-0.01 (-0.10, +0.10); 1/3 seeds |"]
+  no_init = [seed_report(0, {"ptq_minmax": 92.6, "fat": 92.7}, (1, 1, 1.0))]
+  assert tables.seed_spread_markdown(no_init).splitlines()[-1].endswith("| – |")
+  with pytest.raises(ValueError, match="different settings"):
+    tables.seed_spread_markdown([reports[0], {**reports[1], "settings": [{"name": "w4"}]}])
+  with pytest.raises(ValueError, match="no reports"):
+    tables.seed_spread_markdown([])
+
+
+def _sweep_report(kept_losses, top1):
+  """A report with one setting per (calibration scores, top-1) pair."""
+  return {"settings": [
+      {"name": f"s{i}", "methods": {"fat": {
+          "calibration_loss_by_step": [(0, 1.0), (20, loss), (40, 1.0)],
+          "top1_pct": t, "agreement_pct": 99.0}}}
+      for i, (loss, t) in enumerate(zip(kept_losses, top1))]}
+
+
+def test_lr_sweep_chooses_the_lowest_calibration_loss_not_top1():
+  # s0: lr 1e-3 has the lower mean kept loss but the lower top-1; s1: 1e-4 wins.
+  table = tables.lr_sweep_markdown({1e-4: [_sweep_report([0.5, 0.2], [93.0, 90.0]),
+                                       _sweep_report([0.5, 0.2], [93.0, 90.0])],
+                                1e-3: [_sweep_report([0.3, 0.3], [91.0, 92.0]),
+                                       _sweep_report([0.4, 0.3], [91.0, 92.0])]})
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
+          for line in table.splitlines()[2:]}
+  assert rows[("s0", "0.001")].endswith("| chosen |")
+  assert "| 0.3500 | 20, 20 | 91.00 |" in rows[("s0", "0.001")]
+  assert not rows[("s0", "0.0001")].endswith("| chosen |")
+  assert rows[("s1", "0.0001")].endswith("| chosen |")
+  assert not rows[("s1", "0.001")].endswith("| chosen |")
+
+
+def test_lr_sweep_needs_calibration_scores():
+  r = _sweep_report([0.5], [90.0])
+  del r["settings"][0]["methods"]["fat"]["calibration_loss_by_step"]
+  with pytest.raises(ValueError, match="config.fat.keep_best = True"):
+    tables.lr_sweep_markdown({1e-3: [r]})
