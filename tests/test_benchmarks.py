@@ -109,11 +109,19 @@ def test_seed_spread_reuse_reads_finished_runs(tmp_path):
   assert r.returncode == 2 and "no checkpoint at '/nonexistent/ckpt'" in r.stderr  # it ran
 
 
-def test_timed_counts_calls_and_returns_median():
-  calls = []
-  first, median = timing.timed(lambda: calls.append(1), repeats=3, warmup=2)
+def test_timed_counts_calls_and_returns_median(monkeypatch):
+  """On a fake clock each call takes the next of ``durations``: the first call, two
+  warm-up calls (not timed), then three timed calls whose median is returned."""
+  durations = [5.0, 9.0, 9.0, 3.0, 1.0, 2.0]
+  now, calls = [0.0], []
+
+  def call():
+    now[0] += durations[len(calls)]
+    calls.append(1)
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+  first, median = timing.timed(call, repeats=3, warmup=2)
   assert len(calls) == 1 + 2 + 3
-  assert first >= 0.0 and median >= 0.0
+  assert (first, median) == (5.0, 2.0)
 
 
 def test_threshold_stats_counts_alphas_by_role_and_place():
