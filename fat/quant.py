@@ -2,6 +2,9 @@
 
 The numerics of METHOD.md section 1, with no Flax inside:
 
+* ``KINDS``       -- the quantizer kinds: name -> ``Kind``, a few small pure
+  functions (integer grid, thresholds from a range, the range alpha scales,
+  whether beta shifts the grid). A new kind is one entry of this table.
 * ``QuantSpec``   -- frozen, keyword-only description of one quantizer.
 * ``QuantParams`` -- pytree of (t_min, t_max, alpha, beta).
 * ``init_params`` -- thresholds from a calibration tensor.
@@ -18,16 +21,71 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("symmetric", "unsigned", "asymmetric")
-
 # Floor on the threshold / range so that an all-zero tensor gives zeros.
 _TINY = 1e-12
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Kind:
+  """One quantizer kind, as the grid formulas below use it.
+
+  With alpha_c = clip(alpha, alpha_range) and R = ``span(t_min, t_max)``, the
+  scale is s = qmax / (alpha_c * R). Unshifted kinds have T_l = z = 0; a
+  shifted kind has T_l = t_min + clip(beta, beta_range) * R, an integer zero
+  point z = round(T_l * s), and beta gets a gradient. Then
+  y = (clip(round(x * s) - z, qmin, qmax) + z) / s.
+
+  Attributes:
+    qrange: bits n -> (qmin, qmax), the integer grid.
+    thresholds: float32 (x_min, x_max) -> (t_min, t_max), the calibration
+      thresholds from an observed range (elementwise, any shape).
+    span: (t_min, t_max) -> R, the range that alpha scales.
+    shifted: whether the grid has the trainable shift beta (a zero point).
+  """
+
+  qrange: Callable[[int], tuple[int, int]]
+  thresholds: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  span: Callable[[jax.Array, jax.Array], jax.Array]
+  shifted: bool = False
+
+
+def _signed_grid(bits):
+  return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+
+
+def _unsigned_grid(bits):
+  return 0, 2 ** bits - 1
+
+
+def _symmetric_thresholds(x_min, x_max):
+  t_max = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
+  return -t_max, t_max
+
+
+def _unsigned_thresholds(x_min, x_max):
+  t_max = jnp.maximum(x_max, 0.0)
+  return jnp.zeros_like(t_max), t_max
+
+
+def _asymmetric_thresholds(x_min, x_max):
+  return jnp.minimum(x_min, 0.0), jnp.maximum(x_max, 0.0)
+
+
+# Iterating KINDS gives the kind names, in this order.
+KINDS: dict[str, Kind] = {
+    "symmetric": Kind(qrange=_signed_grid, thresholds=_symmetric_thresholds,
+                      span=lambda t_min, t_max: t_max),
+    "unsigned": Kind(qrange=_unsigned_grid, thresholds=_unsigned_thresholds,
+                     span=lambda t_min, t_max: t_max),
+    "asymmetric": Kind(qrange=_unsigned_grid, thresholds=_asymmetric_thresholds,
+                       span=lambda t_min, t_max: t_max - t_min, shifted=True),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,9 +94,9 @@ class QuantSpec:
 
   Attributes:
     bits: bit width n, 2..16.
-    kind: "symmetric" (signed, grid -(2^(n-1)-1)..2^(n-1)-1), "unsigned"
-      (grid 0..2^n-1, for ReLU outputs) or "asymmetric" (grid 0..2^n-1 with a
-      trainable zero point).
+    kind: a name in ``KINDS``: "symmetric" (signed, grid
+      -(2^(n-1)-1)..2^(n-1)-1), "unsigned" (grid 0..2^n-1, for ReLU outputs) or
+      "asymmetric" (grid 0..2^n-1 with a trainable zero point).
     per_channel: one threshold per index of ``axis`` instead of one per tensor.
     axis: the channel axis used when ``per_channel`` is set.
     alpha_range: clip range of the threshold scale factor alpha.
@@ -58,7 +116,7 @@ class QuantSpec:
     if not 2 <= self.bits <= 16:
       raise ValueError(f"QuantSpec.bits must be in 2..16, got {self.bits}.")
     if self.kind not in KINDS:
-      raise ValueError(f"QuantSpec.kind must be one of {KINDS}, got {self.kind!r}.")
+      raise ValueError(f"QuantSpec.kind must be one of {tuple(KINDS)}, got {self.kind!r}.")
     for name in ("alpha_range", "beta_range"):
       rng = getattr(self, name)
       if len(tuple(rng)) != 2:
@@ -75,11 +133,11 @@ class QuantSpec:
 
   @property
   def qmin(self) -> int:
-    return -(2 ** (self.bits - 1) - 1) if self.kind == "symmetric" else 0
+    return KINDS[self.kind].qrange(self.bits)[0]
 
   @property
   def qmax(self) -> int:
-    return 2 ** (self.bits - 1) - 1 if self.kind == "symmetric" else 2 ** self.bits - 1
+    return KINDS[self.kind].qrange(self.bits)[1]
 
 
 class QuantParams(NamedTuple):
@@ -122,14 +180,7 @@ def params_from_range(x_min, x_max, spec: QuantSpec, alpha=None, beta=None) -> Q
   """
   x_min = jnp.asarray(x_min, jnp.float32)
   x_max = jnp.asarray(x_max, jnp.float32)
-  if spec.kind == "symmetric":
-    t_max = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
-    t_min = -t_max
-  elif spec.kind == "unsigned":
-    t_max = jnp.maximum(x_max, 0.0)
-    t_min = jnp.zeros_like(t_max)
-  else:
-    t_min, t_max = jnp.minimum(x_min, 0.0), jnp.maximum(x_max, 0.0)
+  t_min, t_max = KINDS[spec.kind].thresholds(x_min, x_max)
   alpha = jnp.ones_like(t_max) if alpha is None else jnp.asarray(alpha, jnp.float32)
   beta = jnp.zeros_like(t_max) if beta is None else jnp.asarray(beta, jnp.float32)
   return QuantParams(t_min=t_min, t_max=t_max, alpha=alpha, beta=beta)
@@ -164,25 +215,23 @@ def _grid(qp: QuantParams, ndim: int, spec: QuantSpec):
   alpha = _broadcast(qp.alpha, ndim, spec)
   alpha_c = jnp.clip(alpha, lo, hi)
   alpha_live = (alpha >= lo) & (alpha <= hi)
-  t_max = _broadcast(qp.t_max, ndim, spec)
-  if spec.kind == "asymmetric":
-    t_min = _broadcast(qp.t_min, ndim, spec)
-    r = t_max - t_min
-    width = alpha_c * r
+  kind = KINDS[spec.kind]
+  t_min = _broadcast(qp.t_min, ndim, spec)
+  r = kind.span(t_min, _broadcast(qp.t_max, ndim, spec))
+  width = alpha_c * r
+  if kind.shifted:
     blo, bhi = spec.beta_range
     beta = _broadcast(qp.beta, ndim, spec)
     t_low = t_min + jnp.clip(beta, blo, bhi) * r
     beta_live = (beta >= blo) & (beta <= bhi)
   else:
-    r = t_max
-    width = alpha_c * t_max
     t_low = jnp.zeros_like(width)
     beta_live = jnp.zeros_like(width, bool)
   # The floor keeps all-zero channels finite; a floored width has no gradient.
   alpha_live = alpha_live & (width > _TINY)
   width = jnp.maximum(width, _TINY)
   s = spec.qmax / width
-  z = jnp.round(t_low * s) if spec.kind == "asymmetric" else jnp.zeros_like(s)
+  z = jnp.round(t_low * s) if kind.shifted else jnp.zeros_like(s)
   return s, z, alpha_c, alpha_live, r, t_low, beta_live
 
 
@@ -219,11 +268,11 @@ def partials(x: jax.Array, qp: QuantParams, spec: QuantSpec):
   cotangent.
   """
   _, (xf, y, s, in_range, alpha_c, alpha_live, r, t_low, beta_live) = _forward(x, qp, spec)
-  # d y / d s: (x - y)/s in range; (T_l - y)/s saturated (T_l = 0 unless asymmetric).
+  # d y / d s: (x - y)/s in range; (T_l - y)/s saturated (T_l = 0 unless shifted).
   dy_ds = jnp.where(in_range, xf - y, t_low - y) / s
   # d s / d alpha = -s / alpha_c while alpha is inside its clip range.
   dy_dalpha = jnp.where(alpha_live, -dy_ds * s / alpha_c, 0.0)
-  if spec.kind == "asymmetric":
+  if KINDS[spec.kind].shifted:
     # Saturated outputs move with T_l = t_min + beta*R; in-range ones do not.
     dy_dbeta = jnp.where(in_range | ~beta_live, 0.0, r)
   else:

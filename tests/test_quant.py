@@ -642,3 +642,104 @@ def test_per_channel_param_shape_mismatch_raises():
   qp = quant.init_params(jnp.ones((3, 5)), spec)
   with pytest.raises(ValueError):
     quant.fake_quant(x, qp, spec)
+
+
+# --------------------------------------------------------------------------
+# 7. The kind table: a kind is one entry of quant.KINDS.
+# --------------------------------------------------------------------------
+
+
+def test_kind_table():
+  assert tuple(quant.KINDS) == KINDS  # iterating the table gives the names
+  for kind in KINDS:
+    assert isinstance(quant.KINDS[kind], quant.Kind)
+    for bits in range(2, 17):
+      spec = quant.QuantSpec(bits=bits, kind=kind)
+      assert (spec.qmin, spec.qmax) == qrange(kind, bits)
+  assert [k for k in KINDS if quant.KINDS[k].shifted] == ["asymmetric"]
+
+
+# Toy kinds, registered only inside the test below. "toy_twos": the full
+# two's-complement grid -2^(n-1)..2^(n-1)-1 on symmetric thresholds, no shift.
+# "toy_minmax": grid 0..2^n-1, shifted, thresholds exactly [min x, max x]
+# (0 is not forced onto the grid).
+TOY_KINDS = {
+    "toy_twos": quant.Kind(
+        qrange=lambda n: (-2 ** (n - 1), 2 ** (n - 1) - 1),
+        thresholds=lambda lo, hi: (-jnp.maximum(jnp.abs(lo), jnp.abs(hi)),
+                                   jnp.maximum(jnp.abs(lo), jnp.abs(hi))),
+        span=lambda t_min, t_max: t_max),
+    "toy_minmax": quant.Kind(
+        qrange=lambda n: (0, 2 ** n - 1),
+        thresholds=lambda lo, hi: (lo, hi),
+        span=lambda t_min, t_max: t_max - t_min, shifted=True),
+}
+
+
+def toy_qrange(kind, bits):
+  return (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if kind == "toy_twos" else (0, 2 ** bits - 1)
+
+
+def ste_toy(x, alpha, beta, t_min, t_max, spec):
+  """The toy kinds' formulas written out in jnp; autodiff is their STE gradient."""
+  b = lambda p: bshape(jnp.asarray(p, jnp.float32), x.ndim, spec, jnp)
+  qmin, qmax = toy_qrange(spec.kind, spec.bits)
+  a = ste_clip(b(alpha), *spec.alpha_range)
+  if spec.kind == "toy_twos":
+    s = qmax / jnp.maximum(a * b(t_max), TINY)
+    z = 0.0
+  else:
+    r = b(t_max) - b(t_min)
+    s = qmax / jnp.maximum(a * r, TINY)
+    z = ste_round((b(t_min) + ste_clip(b(beta), *spec.beta_range) * r) * s)
+  v = ste_round(x * s) - z
+  return (ste_clip(v, qmin, qmax) + z) / s
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", sorted(TOY_KINDS))
+def test_registered_kind_matches_its_ste_reference(kind, per_channel, monkeypatch):
+  with pytest.raises(ValueError):
+    quant.QuantSpec(kind=kind)  # not a kind until it is in the table
+  monkeypatch.setitem(quant.KINDS, kind, TOY_KINDS[kind])
+  spec = quant.QuantSpec(bits=4, kind=kind, per_channel=per_channel, axis=-1)
+  qmin, qmax = toy_qrange(kind, 4)
+  assert (spec.qmin, spec.qmax) == (qmin, qmax)
+
+  x = make_x((8, 5), spec, seed=21)
+  x[:, 1] = np.abs(x[:, 1]) + 0.5  # a positive channel: min/max differs from asymmetric
+  x[-1, [0, 2, 3, 4]] = -np.abs(x).max()  # reaches the most negative level
+  axes = 0 if per_channel else None
+  qp = quant.init_params(jnp.asarray(x), spec)
+  t_max = np.abs(x).max(axis=axes)
+  want = (-t_max, t_max) if kind == "toy_twos" else (x.min(axis=axes), x.max(axis=axes))
+  np.testing.assert_array_equal(qp.t_min, want[0])
+  np.testing.assert_array_equal(qp.t_max, want[1])
+
+  qp = with_factors(qp, *custom_factors(spec, 5))
+  x = jnp.asarray(x)
+  y = quant.fake_quant(x, qp, spec)
+  ref = lambda x, a, b: ste_toy(x, a, b, qp.t_min, qp.t_max, spec)
+  np.testing.assert_allclose(y, ref(x, qp.alpha, qp.beta), rtol=1e-6, atol=1e-6)
+  # On the kind's grid, which is used end to end (qmin = -8 is not symmetric's -7).
+  q, _, z = quant.quantize_int(x, qp, spec)
+  b = lambda p: bshape(p, x.ndim, spec, jnp)
+  np.testing.assert_array_equal(y, (q + b(z)) * b(quant.grid_step(qp, spec)))
+  assert float(q.min()) == qmin and float(q.max()) == qmax
+
+  g = jnp.asarray(np.random.default_rng(22).normal(size=x.shape), jnp.float32)
+  gx, gq = _impl_grad_fn(spec)(x, qp, g)
+  rx, ra, rb = jax.jit(jax.grad(lambda x, a, b: jnp.sum(g * ref(x, a, b)),
+                                argnums=(0, 1, 2)))(x, qp.alpha, qp.beta)
+  mag = float(np.max(np.abs(qp.t_max))) + float(np.max(np.abs(qp.t_min)))
+  np.testing.assert_allclose(gx, rx, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(gq.alpha, ra, rtol=1e-4, atol=1e-5 * mag * x.size)
+  np.testing.assert_allclose(gq.beta, rb, rtol=1e-4, atol=1e-5 * mag * x.size)
+  np.testing.assert_array_equal(gq.t_min, 0.0)
+  np.testing.assert_array_equal(gq.t_max, 0.0)
+  assert np.all(np.asarray(gq.alpha) != 0.0)  # not vacuous
+  assert np.any(np.asarray(gx) == 0.0)  # saturation happens
+  if TOY_KINDS[kind].shifted:
+    assert np.all(np.asarray(gq.beta) != 0.0)
+  else:
+    np.testing.assert_array_equal(gq.beta, 0.0)
