@@ -2,16 +2,29 @@
 
     g = graph.trace(qmodel, qvars, sample_images)   # list of Nodes, numpy only
 
-``trace`` records the top-level building blocks (``ConvBNAct``, ``Dense``,
-``ActQuant``, ``InvertedResidual``) with ``flax.linen.intercept_methods`` under
-``jax.eval_shape``, following tensors by identity, so the graph is the model's
-real dataflow; then one jitted run has every quantizer record its integer grid
-(``fat.layers.GRID_COLLECTION``). The two pieces of glue that are plain
-``jnp`` code in ``fat.models.blocks`` are recognized by where they sit: the
-quantizer of a residual block's sum (an ``ActQuant`` directly inside an
-``InvertedResidual``) and the global average pool (a 2-D quantizer input after
-a conv). Anything else raises, naming the layer; the integer reference tests
-check the recognized ops numerically.
+``trace`` runs the model under ``jax.eval_shape`` with
+``flax.linen.intercept_methods``, following tensors by identity, so the graph
+is the model's real dataflow; then one jitted run has every quantizer record
+its integer grid (``fat.layers.GRID_COLLECTION``).
+
+Modules declare their export in two tables here, keyed by class (a subclass
+inherits its base's entry), filled by the module that defines the class:
+
+* ``@register(cls)`` on ``fn(call, builder) -> Node``: a call of a ``cls``
+  module is one node; the trace records it and does not look inside.
+  ``fat.layers.Dense`` and ``ActQuant`` are registered below,
+  ``fat.models.blocks.ConvBNAct`` in its own module.
+* ``@register_glue(cls)`` on ``fn(scope, quantizer, builder) -> Node | None``:
+  a ``cls`` module has plain ``jnp`` code that feeds one of its quantizers
+  (an ``ActQuant`` whose input the trace cannot follow). ``fn`` gets the call
+  of the ``cls`` module (its input name in ``scope.src``) and of the quantizer
+  and returns that quantizer's node, or None when it is not one of its own
+  (e.g. ``fat.models.blocks.InvertedResidual``'s residual "add",
+  ``Network``'s global average pool "mean").
+
+Any other module is traced through. A quantizer fed by glue nobody declared
+raises, naming the layer; the integer reference tests check the exported ops
+numerically.
 
 Every node output is an integer tensor on its grid: ``x = (q - zero_point) *
 scale``. ``fat.export_onnx`` writes the graph as ONNX QDQ; ``fat.integer`` runs
@@ -20,8 +33,9 @@ it in integer arithmetic.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -29,9 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fat import depthwise
 from fat.layers import GRID_COLLECTION, ActQuant, Dense
-from fat.models.blocks import ConvBNAct, InvertedResidual
 
 
 class ExportError(ValueError):
@@ -78,6 +90,54 @@ class Node:
   attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Call:
+  """One traced ``__call__`` of a module.
+
+  module: the bound module; path: its layer path ("block_3/project").
+  src: the name of the tensor in its first argument (a node's name, or
+    "input"); None when plain ``jnp`` code made it (glue).
+  in_shape: the shape of that argument.
+  parent: the call of the module's parent, when the trace went through it.
+  """
+
+  module: nn.Module
+  path: str
+  src: str | None
+  in_shape: tuple[int, ...]
+  parent: Call | None = None
+
+
+Exporter = Callable[[Call, "Builder"], Node]
+GlueExporter = Callable[[Call, Call, "Builder"], "Node | None"]
+_NODES: dict[type, Exporter] = {}
+_GLUE: dict[type, GlueExporter] = {}
+
+
+def register(cls: type):
+  """Decorator: ``fn(call, builder) -> Node`` exports each call of a ``cls``
+  module (or subclass) as one node; the trace does not look inside it."""
+  def add(fn: Exporter) -> Exporter:
+    _NODES[cls] = fn
+    return fn
+  return add
+
+
+def register_glue(cls: type):
+  """Decorator: ``fn(scope, quantizer, builder) -> Node | None`` exports the
+  quantizers directly inside a ``cls`` module (or subclass) that its plain
+  ``jnp`` code feeds; None: not one of its own."""
+  def add(fn: GlueExporter) -> GlueExporter:
+    _GLUE[cls] = fn
+    return fn
+  return add
+
+
+def _lookup(table: dict, cls: type):
+  """The entry of ``cls`` or of its nearest registered base class."""
+  return next((table[c] for c in cls.__mro__ if c in table), None)
+
+
 def _grid(g: dict, path: str) -> Grid:
   if "step" not in g:
     raise ExportError(f"layer {path!r} has no quantizer; integer export needs every weight "
@@ -87,47 +147,117 @@ def _grid(g: dict, path: str) -> Grid:
               qmin=int(g["qmin"][0]), qmax=int(g["qmax"][0]))
 
 
+class Builder:
+  """The graph being built: the nodes so far, and the folded weights and
+  recorded grids that exporters read by layer path."""
+
+  def __init__(self, params: dict, grids: dict):
+    self.nodes: list[Node] = []
+    self._params = params
+    self._grids = collections.defaultdict(dict)  # layer path -> {"step", "z", ...}
+    for key, value in grids.items():
+      path, name = key.rsplit("/", 1)
+      self._grids[path][name] = value
+
+  def grid(self, path: str) -> Grid:
+    """The output grid of the quantizer at ``path``; ExportError if it has none."""
+    return _grid(self._grids.get(path, {}), path)
+
+  def weights(self, path: str) -> dict:
+    """Float and integer weights of the conv or dense layer at ``path``: the node
+    attrs ``weight``, ``bias``, ``w_grid`` and ``q_weight``."""
+    if f"{path}/bias" not in self._params:
+      raise ExportError(f"layer {path!r} has no bias: fold the batch norm before export.")
+    wgrid = self._grids.get(path, {})
+    return {"weight": np.asarray(self._params[f"{path}/kernel"], np.float32),
+            "bias": np.asarray(self._params[f"{path}/bias"], np.float32),
+            "w_grid": _grid(wgrid, path),
+            "q_weight": np.asarray(wgrid["q"][0]).astype(np.int64)}
+
+  def add(self, call: Call) -> None:
+    """Appends the node of one recorded call, by its class's exporter."""
+    if call.src is None and not isinstance(call.module, ActQuant):
+      raise ExportError(f"layer {call.path!r} reads a tensor the trace cannot follow.")
+    node = _lookup(_NODES, type(call.module))(call, self)
+    known = {"input"} | {n.name for n in self.nodes}
+    missing = [i for i in node.inputs if i not in known]
+    if missing:
+      raise ExportError(f"layer {call.path!r} reads {missing}, which no earlier node makes.")
+    self.nodes.append(node)
+
+
+@register(Dense)
+def _dense(call: Call, g: Builder) -> Node:
+  """Its output grid comes with the output quantizer that follows (``_act_quant``)."""
+  return Node(op="dense", name=call.path, inputs=(call.src,), out=None,
+              attrs=g.weights(call.path))
+
+
+@register(ActQuant)
+def _act_quant(call: Call, g: Builder) -> Node:
+  grid = g.grid(call.path)
+  if call.src is None:  # glue: ask the module whose jnp code made the input
+    glue = _lookup(_GLUE, type(call.parent.module)) if call.parent is not None else None
+    node = glue(call.parent, call, g) if glue is not None else None
+    if node is None:
+      raise ExportError(f"cannot export the op feeding {call.path!r}: only convs, dense "
+                        "layers and the glue a module registers (fat.graph.register_glue: "
+                        "residual adds, the global average pool) are supported.")
+    return node
+  if g.nodes and call.src == g.nodes[-1].name and g.nodes[-1].op == "dense":
+    # The dense layer's output quantizer: an int8 kernel requantizes to it.
+    dense = g.nodes.pop()
+    return dataclasses.replace(dense, name=call.path, out=grid,
+                               attrs={**dense.attrs, "layer": dense.name})
+  return Node(op="quantize", name=call.path, inputs=(call.src,), out=grid)
+
+
 class _Tracer:
-  """Records top-level building blocks and follows tensors by identity.
+  """Records the calls of registered modules and follows tensors by identity.
 
   Runs under ``jax.eval_shape``: tensors are abstract tracers, whose identity
-  is the dataflow.
+  is the dataflow. Unregistered modules are traced through and stay open
+  (``self.open``) as the parents of the calls inside them.
   """
 
   def __init__(self):
-    self.calls, self.names, self.keep = [], {}, []
-    self.blocks: list[tuple[nn.Module, str | None]] = []  # open residual blocks
-    self.depth = 0                # > 0 inside a recorded composite
+    self.calls: list[Call] = []
+    self.open: list[Call] = []
+    self.names, self.keep = {}, []
+    self.depth = 0                # > 0 inside a recorded module
 
   def name(self, x, name):
     self.names[id(x)] = name
     self.keep.append(x)  # keeps ids unique while the trace runs
 
+  def _open_parent(self, module: nn.Module) -> Call | None:
+    """The open call of ``module``'s parent, if that is the innermost one."""
+    parent = module.parent  # the root module's is a flax Scope
+    if self.open and isinstance(parent, nn.Module) and parent.scope is not None \
+        and parent.scope.path == self.open[-1].module.scope.path:
+      return self.open[-1]
+    return None
+
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or self.depth:
+    if context.method_name != "__call__" or self.depth or not args:
       return next_fun(*args, **kwargs)
-    if isinstance(module, InvertedResidual):
-      self.blocks.append((module, self.names.get(id(args[0]))))
+    call = Call(module=module, path="/".join(module.scope.path),
+                src=self.names.get(id(args[0])), in_shape=tuple(getattr(args[0], "shape", ())),
+                parent=self._open_parent(module))
+    if _lookup(_NODES, type(module)) is None:
+      self.open.append(call)
       try:
         return next_fun(*args, **kwargs)
       finally:
-        self.blocks.pop()
-    if not isinstance(module, (ConvBNAct, Dense, ActQuant)):
-      return next_fun(*args, **kwargs)
+        self.open.pop()
     self.depth += 1
     try:
       out = next_fun(*args, **kwargs)
     finally:
       self.depth -= 1
-    value = out[0] if isinstance(out, tuple) else out  # blocks return (x, step)
-    path = "/".join(module.scope.path)
-    src = self.names.get(id(args[0]))
-    block = self.blocks[-1] if self.blocks else None
-    in_block = block is not None and module.parent is not None \
-        and module.parent.scope.path == block[0].scope.path
-    self.calls.append((module, path, src, args[0].shape, block[1] if in_block else None))
-    self.name(value, path)
+    self.calls.append(call)
+    self.name(out[0] if isinstance(out, tuple) else out, call.path)  # blocks return (x, step)
     return out
 
 
@@ -153,61 +283,19 @@ def trace(qmodel: nn.Module, qvars: dict, sample, return_activations: bool = Fal
   run = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[GRID_COLLECTION],
                                           capture_intermediates=True))
   _, state = run(variables, x)
-  grids = traverse_util.flatten_dict(state[GRID_COLLECTION], sep="/")
-  grid_of = lambda path: {k.rsplit("/", 1)[1]: v for k, v in grids.items()
-                          if k.rsplit("/", 1)[0] == path}
-  outputs = traverse_util.flatten_dict(state["intermediates"], sep="/")
-  params = traverse_util.flatten_dict(jax.device_get(qvars["params"]), sep="/")
-  nodes: list[Node] = []
-  for module, path, src, in_shape, block_input in tracer.calls:
-    if isinstance(module, ActQuant):
-      grid = _grid(grid_of(path), path)
-      if src is not None and nodes and src == nodes[-1].name and nodes[-1].op == "dense":
-        # The dense layer's output quantizer: an int8 kernel requantizes to it.
-        dense = nodes.pop()
-        nodes.append(dataclasses.replace(dense, name=path, out=grid,
-                                         attrs={**dense.attrs, "layer": dense.name}))
-      elif src is not None:
-        nodes.append(Node(op="quantize", name=path, inputs=(src,), out=grid))
-      elif block_input is not None and nodes:
-        nodes.append(Node(op="add", name=path, inputs=(block_input, nodes[-1].name), out=grid))
-      elif len(in_shape) == 2 and nodes and nodes[-1].op == "conv":
-        nodes.append(Node(op="mean", name=path, inputs=(nodes[-1].name,), out=grid))
-      else:
-        raise ExportError(f"cannot export the op feeding {path!r}: only convs, dense layers, "
-                          "residual adds and the global average pool are supported.")
-    elif src is None:
-      raise ExportError(f"layer {path!r} reads a tensor the trace cannot follow.")
-    elif isinstance(module, ConvBNAct):
-      nodes.append(_conv_node(module, path, in_shape, src, params, grid_of))
-    else:
-      w = _weights(path, params, grid_of(path))
-      nodes.append(Node(op="dense", name=path, inputs=(src,), out=None, attrs=w))
+  builder = Builder(traverse_util.flatten_dict(jax.device_get(qvars["params"]), sep="/"),
+                    traverse_util.flatten_dict(state[GRID_COLLECTION], sep="/"))
+  for call in tracer.calls:
+    builder.add(call)
+  nodes = builder.nodes
   if not nodes or nodes[-1].out is None:
     raise ExportError("the model output is not quantized.")
   if not return_activations:
     return nodes
+  outputs = traverse_util.flatten_dict(state["intermediates"], sep="/")
+
   def value(name):  # a module's output; blocks and quantizers return (x, step)
     out = outputs[f"{name}/__call__"][0]
     return np.asarray(out[0] if isinstance(out, tuple) else out)
 
   return nodes, {n.name: n.out.quantize(value(n.name)).astype(np.int64) for n in nodes}
-
-
-def _weights(path: str, params: dict, wgrid: dict) -> dict:
-  """Float and integer weights of the conv or dense layer at ``path``."""
-  if f"{path}/bias" not in params:
-    raise ExportError(f"layer {path!r} has no bias: fold the batch norm before export.")
-  return {"weight": np.asarray(params[f"{path}/kernel"], np.float32),
-          "bias": np.asarray(params[f"{path}/bias"], np.float32),
-          "w_grid": _grid(wgrid, path),
-          "q_weight": np.asarray(wgrid["q"][0]).astype(np.int64)}
-
-
-def _conv_node(module: ConvBNAct, path, in_shape, src, params, grid_of) -> Node:
-  w = _weights(f"{path}/conv", params, grid_of(f"{path}/conv"))
-  k, s = module.kernel_size, module.strides
-  pads = tuple(depthwise.conv_padding(in_shape[i], k, s, module.padding) for i in (1, 2))
-  attrs = {**w, "stride": s, "pads": pads, "depthwise": module.depthwise, "act": module.act}
-  return Node(op="conv", name=path, inputs=(src,), out=_grid(grid_of(f"{path}/act_q"),
-                                                              f"{path}/act_q"), attrs=attrs)

@@ -10,6 +10,7 @@ the fake-quantized JAX model layer by layer.
 import dataclasses
 import fractions
 
+import flax.linen as nn
 import jax
 import jax.extend
 import numpy as np
@@ -18,6 +19,8 @@ import pytest
 
 from fat import calibrate, export_onnx, fold, graph, integer, models, quant, rules, runtime
 from fat.graph import ExportError
+from fat.layers import ActQuant
+from fat.models import blocks
 
 
 def _model(name):
@@ -34,8 +37,8 @@ def _images(n, seed):
 
 
 def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0, kind="symmetric",
-               perturb=True):
-  model = _model(name)
+               perturb=True, model=None):
+  model = _model(name) if model is None else model
   x = _images(64, seed)
   v = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])
   # Random BN statistics so that folding matters.
@@ -142,6 +145,95 @@ def test_trace_refuses_unquantized_layers():
     graph.trace(qmodel, qvars, x)
   with pytest.raises(ExportError, match="'quant' stage"):
     graph.trace(calibrate.quantized(model, (), stage="folded"), folded, x)
+
+
+# --------------------------------------------------------------------------
+# A block defined here declares its own export; fat/graph.py knows nothing of it.
+# --------------------------------------------------------------------------
+
+
+class _InheritedConv(blocks.ConvBNAct):
+  """Exported by ``ConvBNAct``'s registration (a subclass inherits it)."""
+
+
+class _TaggedConv(blocks.ConvBNAct):
+  """Registers its own exporter, which wins over ``ConvBNAct``'s."""
+
+
+@graph.register(_TaggedConv)
+def _tagged_conv(call, g):
+  node = blocks.conv_node(call, g)
+  return dataclasses.replace(node, attrs={**node.attrs, "tag": "toy"})
+
+
+def _shortcut(block, x, train, x_step):
+  """Two convs, then ``sum_q`` quantizes the block input + the second conv's output."""
+  y, step = _InheritedConv(block.features, 3, name="a", **block.common())(x, train, x_step)
+  y, _ = _TaggedConv(block.features, act=None, name="b", **block.common())(y, train, step)
+  return ActQuant(block.mode, signed=True, name="sum_q")(x + y)
+
+
+class _Shortcut(blocks.Common):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train=False, x_step=None):
+    return _shortcut(self, x, train, x_step)
+
+
+@graph.register_glue(_Shortcut)
+def _shortcut_sum(block, quantizer, g):
+  return graph.Node(op="add", name=quantizer.path, inputs=(block.src, f"{block.path}/b"),
+                    out=g.grid(quantizer.path))
+
+
+class _Undeclared(blocks.Common):
+  """The same block without a glue registration."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train=False, x_step=None):
+    return _shortcut(self, x, train, x_step)
+
+
+class _ToyNet(blocks.Network):
+  block: type = _Shortcut
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+    x, step = blocks.ConvBNAct(8, 3, 2, name="stem", **self.common())(x, train, step)
+    x, step = self.block(8, name="toy", **self.common())(x, train, step)
+    x, _ = blocks.ConvBNAct(16, name="head", **self.common())(x, train, step)
+    return blocks.classifier_head(x, self.num_classes, self.mode)
+
+
+def test_a_new_block_declares_its_export():
+  qmodel, qvars = _quantized(None, model=_ToyNet(num_classes=10))
+  x = _images(16, 1)
+  nodes, acts = graph.trace(qmodel, qvars, x, return_activations=True)
+  assert [(n.op, n.name, n.inputs) for n in nodes] == [
+      ("quantize", "input_q", ("input",)),
+      ("conv", "stem", ("input_q",)),
+      ("conv", "toy/a", ("stem",)),
+      ("conv", "toy/b", ("toy/a",)),
+      ("add", "toy/sum_q", ("stem", "toy/b")),
+      ("conv", "head", ("toy/sum_q",)),
+      ("mean", "pool_q", ("head",)),
+      ("dense", "logits_q", ("pool_q",)),
+  ]
+  a, b = nodes[2], nodes[3]
+  assert "tag" not in a.attrs and b.attrs["tag"] == "toy"
+  assert a.attrs["act"] == "relu6" and b.attrs["act"] is None
+  assert a.attrs["pads"] == ((1, 1), (1, 1)) and a.attrs["weight"].shape == (3, 3, 8, 8)
+  # The integer reference runs the new block's add, within one step of the simulation.
+  for name, d in integer.layer_differences(nodes, acts, x).items():
+    assert d.max() <= 1, name
+  onnx.checker.check_model(export_onnx.to_qdq(nodes, (None,) + x.shape[1:]), full_check=True)
+  # Without its glue registration, the trace names the quantizer it cannot export.
+  qmodel, qvars = _quantized(None, model=_ToyNet(num_classes=10, block=_Undeclared))
+  with pytest.raises(ExportError, match="cannot export the op feeding 'toy/sum_q'"):
+    graph.trace(qmodel, qvars, x)
 
 
 # --------------------------------------------------------------------------

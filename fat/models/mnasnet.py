@@ -8,13 +8,12 @@ Layer paths: ``input_q``, ``stem``, ``sep_dw``, ``sep_project``, ``block_0`` ..
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from fat.layers import ActQuant, QuantMode
-from fat.models.blocks import ConvBNAct, InvertedResidual, classifier_head
+from fat.layers import ActQuant
+from fat.models.blocks import ConvBNAct, InvertedResidual, Network, classifier_head
 
 # (expansion, kernel, channels, repeats, first stride)
 STAGES = ((3, 3, 24, 3, 2), (3, 5, 40, 3, 2), (6, 5, 80, 3, 2), (6, 3, 96, 2, 1),
@@ -28,25 +27,18 @@ def round_to_multiple_of(v: float, divisor: int = 8, round_up_bias: float = 0.9)
   return new_v if new_v >= round_up_bias * v else new_v + divisor
 
 
-class MNASNet(nn.Module):
-  """MNASNet-B1 classifier. Attributes as ``MobileNetV2``; width in {0.5, 0.75, 1.0, 1.3}."""
+class MNASNet(Network):
+  """MNASNet-B1 classifier. Attributes as ``MobileNetV2``; width in {0.5, 0.75, 1.0, 1.3},
+  and PyTorch's defaults: padding "symmetric", bn_eps 1e-5."""
 
-  num_classes: int = 1000
-  width: float = 1.0
-  small_input: bool = False
-  padding: str = "symmetric"
-  bn_eps: float = 1e-5
-  bn_momentum: float = 0.99
-  dw_impl: str = "auto"
-  mode: QuantMode = QuantMode()
-  dtype: Any = jnp.float32
+  padding: str = dataclasses.field(default="symmetric", kw_only=True)
+  bn_eps: float = dataclasses.field(default=1e-5, kw_only=True)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.width not in WIDTHS:
       raise ValueError(f"MNASNet width must be one of {WIDTHS}, got {self.width}.")
-    common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
-                  dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
+    common = self.common()
     ch = lambda c: round_to_multiple_of(c * self.width)
     x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
     x, step = ConvBNAct(ch(32), 3, 1 if self.small_input else 2, act="relu", name="stem",

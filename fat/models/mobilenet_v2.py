@@ -8,13 +8,10 @@ Layer paths: ``input_q``, ``stem``, ``block_0`` .. ``block_16`` (each with
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax.numpy as jnp
 
-from fat.layers import ActQuant, QuantMode
-from fat.models.blocks import ConvBNAct, InvertedResidual, classifier_head
+from fat.layers import ActQuant
+from fat.models.blocks import ConvBNAct, InvertedResidual, Network, classifier_head
 
 # (expansion t, channels c, repeats n, first stride s)
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -30,37 +27,19 @@ def make_divisible(v: float, divisor: int = 8) -> int:
   return new_v
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Network):
   """MobileNet-v2 classifier.
 
-  Attributes:
-    num_classes: classifier outputs.
-    width: the width multiplier, 0.35..1.4. The 1280 head is not shrunk below 1.0.
-    small_input: stem stride 1 instead of 2, keeping twice the resolution for
-      28-64 px inputs.
-    padding: "same" (TF/Keras) or "symmetric" (PyTorch/timm); see
-      ``fat.depthwise.conv_padding``.
-    bn_eps: BatchNorm epsilon (Keras 1e-3, PyTorch 1e-5).
-    dw_impl: depthwise implementation, "auto" picks by backend.
-    mode: pipeline stage and quantizer rules (``fat.layers.QuantMode``).
+  Attributes: those of ``fat.models.blocks.Network`` and ``Common``; width is
+  the multiplier in 0.35..1.4 (the 1280 head is not shrunk below 1.0), and the
+  defaults are Keras's: padding "same", bn_eps 1e-3.
   """
-
-  num_classes: int = 1000
-  width: float = 1.0
-  small_input: bool = False
-  padding: str = "same"
-  bn_eps: float = 1e-3
-  bn_momentum: float = 0.99
-  dw_impl: str = "auto"
-  mode: QuantMode = QuantMode()
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if not WIDTH_RANGE[0] <= self.width <= WIDTH_RANGE[1]:
       raise ValueError(f"MobileNetV2 width must be in {WIDTH_RANGE}, got {self.width}.")
-    common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
-                  dw_impl=self.dw_impl, mode=self.mode, dtype=self.dtype)
+    common = self.common()
     x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
     x, step = ConvBNAct(make_divisible(32 * self.width), 3, 1 if self.small_input else 2,
                         name="stem", **common)(x, train, step)
