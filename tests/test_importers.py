@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fat.models import MNASNet, MobileNetV2, keras_mobilenet_v2, timm_safetensors
+from fat import models
+from fat.models import MNASNet, MobileNetV2, keras_mobilenet_v2, pretrained, timm_safetensors
 
 DATA = pathlib.Path(__file__).parent / "data" / "timm_state_dict_shapes.json"
 TOL = 1e-4
@@ -231,6 +232,21 @@ def test_timm_consumes_every_tensor(arch, tmp_path):
   for name, key, perm in TIMM_SPOTS[arch]:
     want = sd[name] if perm is None else sd[name].transpose(perm)
     np.testing.assert_array_equal(ours[key], want, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", sorted(timm_safetensors.TIMM_ARCHS))
+def test_pretrained_load_names_the_model_from_the_registry(arch, tmp_path):
+  """``pretrained.load`` returns the ``fat.models.REGISTRY`` name, whose entry lists
+  the format, and kwargs that rebuild the same variable tree."""
+  path = tmp_path / "model.safetensors"
+  save_file(random_state_dict(arch), str(path))
+  name, kwargs, variables = pretrained.load("timm", str(path), arch)
+  assert name == {"mobilenetv2_100": "mobilenet_v2", "mnasnet_100": "mnasnet"}[arch]
+  assert "timm" in models.REGISTRY[name].pretrained
+  model = models.create(name, **kwargs)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(np.shape, variables)
 
 
 @pytest.mark.parametrize("arch", sorted(timm_safetensors.TIMM_ARCHS))

@@ -10,6 +10,7 @@ METHOD.md section 1 in float64 numpy, not with ``fat.quant``.
 """
 
 import dataclasses
+import inspect
 import re
 
 import flax.linen as nn
@@ -19,10 +20,11 @@ import numpy as np
 import optax
 import pytest
 
+from fat import models
 from fat.calibrate import activation_ranges, calibrate, init_quant_variables, quantized
 from fat.fold import fold_variables
 from fat.layers import QuantMode
-from fat.models import MNASNet, MobileNetV2
+from fat.models import MNASNet, MobileNetV2, blocks, pretrained
 from fat.quant import QuantSpec
 from fat.rules import QuantRule
 
@@ -180,6 +182,56 @@ def test_invalid_width_raises(name, width):
 def test_valid_width_edges(name, width):
   v = _shapes(MODELS[name](num_classes=10, width=width), 32)
   assert count(v["params"]) > 0
+
+
+# The keyword arguments shipped checkpoints store in meta.json ("model_kwargs").
+MODEL_KWARGS = ("num_classes", "width", "small_input", "padding", "bn_eps", "bn_momentum",
+                "dw_impl", "mode", "dtype")
+
+
+def test_registry_is_the_table_of_models():
+  assert models.MODELS == tuple(models.REGISTRY) == tuple(MODELS)
+  for name, entry in models.REGISTRY.items():
+    assert entry.constructor is MODELS[name]
+    assert set(MODEL_KWARGS) <= set(inspect.signature(entry.constructor).parameters)
+    m = models.create(name, num_classes=10, small_input=True)
+    assert type(m) is MODELS[name] and models.name_of(m) == name
+    assert set(entry.pretrained) <= set(pretrained.FORMATS)
+  assert set(pretrained.FORMATS) == {f for e in models.REGISTRY.values() for f in e.pretrained}
+  # The table's widths are the ones the models accept (test_invalid_width_raises).
+  for name, width, ok in [("mobilenet_v2", 0.35, True), ("mobilenet_v2", 1.4, True),
+                          ("mobilenet_v2", 1.5, False), ("mnasnet", 0.75, True),
+                          ("mnasnet", 0.6, False), ("mnasnet", True, False)]:
+    assert models.REGISTRY[name].allows(width) == ok, (name, width)
+  models.check_width("mnasnet", 1.3)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.width must be one of (0.5, 0.75, 1.0, 1.3) for mnasnet, got 0.6.")):
+    models.check_width("mnasnet", 0.6, "config.width")
+  with pytest.raises(ValueError, match=re.escape("width must be in [0.35, 1.4] for mobilenet_v2")):
+    models.check_width("mobilenet_v2", 2.0)
+  with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    models.create("resnet")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_blocks_inherit_the_shared_attributes(name):
+  """Every block gets the network's ``Common`` attributes; defaults as before."""
+  defaults = {"mobilenet_v2": ("same", 1e-3), "mnasnet": ("symmetric", 1e-5)}[name]
+  assert (MODELS[name]().padding, MODELS[name]().bn_eps) == defaults
+  model = MODELS[name](num_classes=10, width=0.5, padding="same", bn_eps=0.01,
+                       bn_momentum=0.9, dw_impl="shift")
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, blocks.Common) and context.method_name == "__call__":
+      seen.append((type(context.module), context.module.common()))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _shapes(model, 32)
+  assert {t for t, _ in seen} == {MODELS[name], blocks.ConvBNAct, blocks.InvertedResidual}
+  assert all(c == model.common() for _, c in seen)
+  assert model.common()["dw_impl"] == "shift"
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,8 @@ the quantized model can name it), for:
 * ``"keras"``: ``keras.applications.MobileNetV2`` ``.h5`` / ``.keras``;
 * ``"timm"``: timm ``mobilenetv2_100`` / ``mnasnet_100`` safetensors (``arch``);
 * ``"tf_mnasnet"``: the TF-hosted MNASNet checkpoints (tensorflow/tpu).
+
+Which formats load which model is a column of ``fat.models.REGISTRY``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from __future__ import annotations
 import glob
 import os
 
+from fat import models
 from fat.checkpoints import CheckpointError
 
-FORMATS = ("keras", "timm", "tf_mnasnet")
+FORMATS = models.PRETRAINED_FORMATS  # ("keras", "timm", "tf_mnasnet")
 MODEL_FIELDS = ("num_classes", "width", "small_input", "padding", "bn_eps")
-MODEL_NAMES = {"MobileNetV2": "mobilenet_v2", "MNASNet": "mnasnet"}
 
 
 def _exists(fmt: str, path: str) -> bool:
@@ -42,8 +44,9 @@ def load(fmt: str, path: str, arch: str = "") -> tuple[str, dict, dict]:
   elif fmt == "timm":
     from fat.models.timm_safetensors import load_timm_safetensors
     model, variables = load_timm_safetensors(path, arch)
-  else:
+  elif fmt == "tf_mnasnet":
     from fat.models.tf_mnasnet import load_tf_mnasnet
     model, variables = load_tf_mnasnet(path)
-  kwargs = {f: getattr(model, f) for f in MODEL_FIELDS}
-  return MODEL_NAMES[type(model).__name__], kwargs, variables
+  else:
+    raise ValueError(f"fat.models.REGISTRY names format {fmt!r}, which has no loader here.")
+  return models.name_of(model), {f: getattr(model, f) for f in MODEL_FIELDS}, variables
