@@ -195,6 +195,8 @@ def _dense(call: Call, g: Builder) -> Node:
 
 @register(ActQuant)
 def _act_quant(call: Call, g: Builder) -> Node:
+  """The input quantizer ("quantize"), a dense layer's output quantizer (fused
+  into the "dense" node), or glue that the parent module declares."""
   grid = g.grid(call.path)
   if call.src is None:  # glue: ask the module whose jnp code made the input
     glue = _lookup(_GLUE, type(call.parent.module)) if call.parent is not None else None
