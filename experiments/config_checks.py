@@ -9,7 +9,6 @@ import tempfile
 import ml_collections
 
 from fat import data, float_training, imagenet, methods, models, quant
-from fat.models import pretrained
 
 PTQ_METHODS = ("minmax", "percentile", "mse")
 
@@ -32,9 +31,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset in data.IMAGENET_SOURCES and config.preprocess not in imagenet.PREPROCESS:
     raise ValueError(f"config.preprocess must be one of {sorted(imagenet.PREPROCESS)} for "
                      f"ImageNet, got {config.preprocess!r}.")
-  if config.pretrained.format and config.pretrained.format not in pretrained.FORMATS:
+  if config.pretrained.format and config.pretrained.format not in models.PRETRAINED_FORMATS:
     raise ValueError(f"config.pretrained.format must be '' (use model_checkpoint) or one of "
-                     f"{pretrained.FORMATS}, got {config.pretrained.format!r}.")
+                     f"{models.PRETRAINED_FORMATS}, got {config.pretrained.format!r}.")
   for name in ("eval_batch_size", "calibration_images", "calibration_batch_size",
                "log_every", "image_size"):
     _positive_int(name, config[name])
@@ -102,7 +101,7 @@ def _number(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = F
 def validate_float(config: ml_collections.ConfigDict) -> None:
   """The float-training job's config (config.job == "float"); raises ValueError
   naming the first bad field and its allowed values."""
-  if config.model not in models.MODELS:
+  if config.model not in models.REGISTRY:
     raise ValueError(f"config.model must be one of {models.MODELS}, got {config.model!r}.")
   if config.dataset != "fashion_mnist":
     raise ValueError(f"config.dataset must be 'fashion_mnist' for float training, got "
@@ -114,7 +113,7 @@ def validate_float(config: ml_collections.ConfigDict) -> None:
   _number("weight_decay", config.weight_decay, 0.0)
   _number("warmup_epochs", config.warmup_epochs, 0.0)
   _number("label_smoothing", config.label_smoothing, 0.0, 1.0)
-  _number("width", config.width, 0.0, lo_open=True)
+  models.check_width(config.model, config.width, "config.width")
   if config.get("optimizer", "adamw") not in float_training.OPTIMIZERS:
     raise ValueError(f"config.optimizer must be one of {float_training.OPTIMIZERS}, got "
                      f"{config.optimizer!r}.")
