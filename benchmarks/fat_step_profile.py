@@ -26,9 +26,8 @@ from absl import app, flags
 
 from benchmarks import timing
 from configs import default
-from experiments.train import setting_rules
-from fat import calibrate, float_training, fold, methods, models, rules, schedules
-from fat.layers import TRAINABLE_COLLECTION
+from fat import calibrate, float_training, fold, models, pipeline, rules, schedules, steps
+from fat import variables as fat_variables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "mobilenet_v2", "mobilenet_v2 or mnasnet.")
@@ -48,11 +47,7 @@ def main(argv):
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (FLAGS.batch, FLAGS.size, FLAGS.size, 3))
   y = jnp.arange(FLAGS.batch) % 10
-  variables = model.init(key, x[:1])
-  stats, tree = jax.tree.flatten(variables["batch_stats"])
-  stats = [jax.random.uniform(k, s.shape, minval=0.5, maxval=1.5)
-           for k, s in zip(jax.random.split(key, len(stats)), stats)]
-  variables = {**variables, "batch_stats": jax.tree.unflatten(tree, stats)}
+  variables = timing.random_stats(model.init(key, x[:1]), key)
   rows = []
 
   tx = optax.adam(1e-3)
@@ -72,7 +67,7 @@ def main(argv):
 
   config = default.get_config()
   setting = config.settings[0]
-  full = setting_rules(setting, config.fat)
+  full = pipeline.config_rules(setting, config.fat)
   weight_spec, act_spec = full[-1].weight, full[-1].act
   variants = {"both": full,
               "weights only": rules.uniform_rules(weight=weight_spec, act=None),
@@ -80,19 +75,16 @@ def main(argv):
   teacher = teacher_fn(folded, x)
   fat_tx = schedules.fat_optimizer(config.fat.learning_rate, config.fat.reset_steps)
   for name, rule_set in variants.items():
-    qmodel = calibrate.quantized(model, rule_set)
-    qvars = calibrate.init_quant_variables(qmodel, folded["params"], x[:1])
-    qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+    p = pipeline.prepare(model, variables, rule_set, x, batch_size=FLAGS.batch)
     if name == "both":
-      fwd = jax.jit(qmodel.apply)
-      rows.append((f"quantized forward ({setting.name})", median_ms(lambda: fwd(qvars, x),
-                                                                    FLAGS.repeats)))
-    fat_step = methods.make_fat_step(qmodel, fat_tx)
-    thresholds = qvars[TRAINABLE_COLLECTION]
-    frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-    fat_opt = fat_tx.init(thresholds)
+      fwd = jax.jit(p.qmodel.apply)
+      rows.append((f"quantized forward ({setting.name})",
+                   median_ms(lambda: fwd(p.variables, x), FLAGS.repeats)))
+    fat_step = steps.make_fat_step(p.qmodel, fat_tx)
+    part = fat_variables.partition(p.variables)
+    fat_opt = fat_tx.init(part.trainable)
     rows.append((f"FAT step, {name} quantized", median_ms(
-        lambda: fat_step(thresholds, fat_opt, frozen, x, teacher), FLAGS.repeats)))
+        lambda: fat_step(part.trainable, fat_opt, part.frozen, x, teacher), FLAGS.repeats)))
 
   base = rows[0][1]
   print(f"{FLAGS.model} width {FLAGS.width}, {FLAGS.size} px, batch {FLAGS.batch}, "

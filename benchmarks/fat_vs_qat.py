@@ -21,10 +21,9 @@ from absl import app, flags
 from benchmarks import timing
 from configs import default
 from experiments import cli
-from experiments.train import setting_rules
-from fat import calibrate, checkpoints, data, evaluate, float_training, fold, methods, models
-from fat import schedules
-from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
+from fat import (checkpoints, data, evaluate, float_training, models, pipeline, schedules,
+                 steps)
+from fat import variables as fat_variables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/fashion_mnist/mobilenet_v2", "Float checkpoint.")
@@ -80,16 +79,12 @@ def run(variables, meta, train, test):
   model = models.create(meta["model"], **meta["model_kwargs"])
   unlabeled = data.subset(train, 0.1, FLAGS.seed)
   config = default.get_config()
-  folded = fold.fold_variables(variables, model.bn_eps)
-  fmodel = calibrate.quantized(model, (), stage="folded")
+  p = pipeline.prepare(model, variables, pipeline.config_rules(config.settings[0], config.fat),
+                       data.normalize(unlabeled.images[:512]), batch_size=128)
+  qmodel, qvars, folded, fmodel = p.qmodel, p.variables, p.folded, p.fmodel
   reference = evaluate.predict(evaluate.make_predict(fmodel.apply), folded, test, 500,
                                progress=False)
   fp32 = evaluate.top1_pct(reference, test.labels)
-  qmodel = calibrate.quantized(model, setting_rules(config.settings[0], config.fat))
-  calib = data.normalize(unlabeled.images[:512])
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], calib)
-  qvars = calibrate.calibrate(qmodel, qvars, [calib[i:i + 128] for i in range(0, 512, 128)],
-                              progress=False)
   predict = evaluate.make_predict(qmodel.apply)
   teacher_fn = jax.jit(fmodel.apply)
   bs = FLAGS.batch_size
@@ -99,16 +94,15 @@ def run(variables, meta, train, test):
       yield x, teacher_fn(folded, x)
 
   fat_tx = schedules.fat_optimizer(config.fat.learning_rate, config.fat.reset_steps)
-  fat_step = methods.make_fat_step(qmodel, fat_tx)
-  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-  fat_state = (qvars[TRAINABLE_COLLECTION], fat_tx.init(qvars[TRAINABLE_COLLECTION]))
-  fat_run = lambda s, b: fat_step(s[0], s[1], frozen, *b)[:2]
+  fat_step = steps.make_fat_step(qmodel, fat_tx)
+  fat_part = fat_variables.partition(qvars)
+  fat_state = (fat_part.trainable, fat_tx.init(fat_part.trainable))
+  fat_run = lambda s, b: fat_step(s[0], s[1], fat_part.frozen, *b)[:2]
   qat_tx = optax.adam(FLAGS.qat_learning_rate)
-  qat_step = methods.make_qat_step(qmodel, qat_tx)
-  trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
-  qat_frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
-  qat_run = lambda s, b: qat_step(s[0], s[1], qat_frozen, *b)[:2]
-  qat_state = (trainable, qat_tx.init(trainable))
+  qat_step = steps.make_qat_step(qmodel, qat_tx)
+  qat_part = fat_variables.partition(qvars, fat_variables.QAT_TRAINABLE)
+  qat_run = lambda s, b: qat_step(s[0], s[1], qat_part.frozen, *b)[:2]
+  qat_state = (qat_part.trainable, qat_tx.init(qat_part.trainable))
 
   x, y = next(data.batches(train, bs))
   teacher = teacher_fn(folded, x)
@@ -122,10 +116,10 @@ def run(variables, meta, train, test):
 
   rows = {
       "FAT": race("FAT", fat_run, fat_state, unlabeled_batches(), predict,
-                  lambda s: {**frozen, TRAINABLE_COLLECTION: s[0]}, test, fp32, reference),
+                  lambda s: fat_part.with_trainable(s[0]).merged(), test, fp32, reference),
       "QAT": race("QAT", qat_run, qat_state,
                   data.batches(train, bs, seed=FLAGS.seed, epochs=1000, drop_remainder=True),
-                  predict, lambda s: {**qat_frozen, **s[0]}, test, fp32, reference),
+                  predict, lambda s: qat_part.with_trainable(s[0]).merged(), test, fp32, reference),
   }
   print(f"\nW8A8 per-channel, {meta['model']} width {meta['model_kwargs']['width']}, "
         f"float top-1 {fp32:.2f} on {len(test)} test images, batch {bs}, "

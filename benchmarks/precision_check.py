@@ -24,8 +24,7 @@ from absl import app, flags
 import jax
 
 from experiments import cli
-from fat import calibrate, checkpoints, data, depthwise, fold, graph, integer, models, quant
-from fat import rules
+from fat import checkpoints, data, depthwise, graph, integer, models, pipeline, quant, rules
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/fashion_mnist/mobilenet_v2",
                                  "float checkpoint directory")
@@ -56,15 +55,13 @@ def run():
                          "holding the four Fashion-MNIST idx .gz files, or leave it empty.")
   variables, meta = checkpoints.load(CHECKPOINT.value)
   model = models.create(meta["model"], **meta["model_kwargs"])
-  folded = fold.fold_variables(variables, model.bn_eps)
   test = data.load("fashion_mnist", "test", DATA_DIR.value or None)
   x = data.normalize(test.images[:CALIBRATION + IMAGES.value])
   cal, x = x[:CALIBRATION], x[CALIBRATION:]
-  qmodel = calibrate.quantized(model, rules.uniform_rules(
-      weight=quant.QuantSpec(bits=8, per_channel=True), act=quant.QuantSpec(bits=8)))
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], cal[:1])
-  qvars = calibrate.calibrate(qmodel, qvars, [cal[i:i + 64] for i in range(0, CALIBRATION, 64)],
-                              progress=False)
+  p = pipeline.prepare(model, variables, rules.uniform_rules(
+      weight=quant.QuantSpec(bits=8, per_channel=True), act=quant.QuantSpec(bits=8)),
+      cal, batch_size=64)
+  qmodel, qvars = p.qmodel, p.variables
   device = jax.devices()[0]
   print(f"backend: {jax.default_backend()} ({device.device_kind}), "
         f"{len(x)} test images, {meta['model']} width {meta['model_kwargs'].get('width')}")

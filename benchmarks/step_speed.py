@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from benchmarks.timing import timed
+from benchmarks.timing import random_stats, timed
 from configs import default
-from experiments.train import setting_rules
-from fat import calibrate, float_training, fold, methods, models, schedules
-from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION
+from fat import float_training, models, pipeline, schedules, steps
+from fat import variables as fat_variables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mobilenet_v2", "mnasnet"], "Models to time.")
@@ -40,14 +39,6 @@ flags.DEFINE_integer("batch", 128, "Batch size at 32 px.")
 flags.DEFINE_integer("batch_224", 32, "Batch size at 224 px (CPU memory and minutes).")
 flags.DEFINE_integer("repeats", 5, "Timed steps per figure (median).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch reference where torch is installed.")
-
-
-def random_stats(variables, key):
-  """BN statistics that make folding non-trivial."""
-  leaves, tree = jax.tree.flatten(variables["batch_stats"])
-  keys = jax.random.split(key, len(leaves))
-  leaves = [jax.random.uniform(k, l.shape, minval=0.5, maxval=1.5) for k, l in zip(keys, leaves)]
-  return {**variables, "batch_stats": jax.tree.unflatten(tree, leaves)}
 
 
 def jax_case(name: str, width: float, size: int, batch: int, repeats: int) -> dict:
@@ -65,28 +56,24 @@ def jax_case(name: str, width: float, size: int, batch: int, repeats: int) -> di
                        repeats)
 
   config = default.get_config()
-  folded = fold.fold_variables(variables, model.bn_eps)
-  fmodel = calibrate.quantized(model, (), stage="folded")
-  qmodel = calibrate.quantized(model, setting_rules(config.settings[0], config.fat))
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x[:1])
-  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
-  teacher_fn = jax.jit(fmodel.apply)
+  p = pipeline.prepare(model, variables, pipeline.config_rules(config.settings[0], config.fat),
+                       x, batch_size=batch)
+  teacher_fn = jax.jit(p.fmodel.apply)
   fat_tx = schedules.fat_optimizer(config.fat.learning_rate, config.fat.reset_steps)
-  fat_step = methods.make_fat_step(qmodel, fat_tx)
-  thresholds = qvars[TRAINABLE_COLLECTION]
-  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-  fat_opt = fat_tx.init(thresholds)
-  teacher = teacher_fn(folded, x)
-  out["fat"] = timed(lambda: fat_step(thresholds, fat_opt, frozen, x, teacher_fn(folded, x)),
-                     repeats)
-  out["fat_cached"] = timed(lambda: fat_step(thresholds, fat_opt, frozen, x, teacher), repeats)
+  fat_step = steps.make_fat_step(p.qmodel, fat_tx)
+  part = fat_variables.partition(p.variables)
+  fat_opt = fat_tx.init(part.trainable)
+  teacher = teacher_fn(p.folded, x)
+  out["fat"] = timed(lambda: fat_step(part.trainable, fat_opt, part.frozen, x,
+                                      teacher_fn(p.folded, x)), repeats)
+  out["fat_cached"] = timed(lambda: fat_step(part.trainable, fat_opt, part.frozen, x, teacher),
+                            repeats)
 
   qat_tx = optax.adam(1e-5)
-  qat_step = methods.make_qat_step(qmodel, qat_tx)
-  trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: thresholds}
-  qat_frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
-  qat_opt = qat_tx.init(trainable)
-  out["qat"] = timed(lambda: qat_step(trainable, qat_opt, qat_frozen, x, y), repeats)
+  qat_step = steps.make_qat_step(p.qmodel, qat_tx)
+  qat = fat_variables.partition(p.variables, fat_variables.QAT_TRAINABLE)
+  qat_opt = qat_tx.init(qat.trainable)
+  out["qat"] = timed(lambda: qat_step(qat.trainable, qat_opt, qat.frozen, x, y), repeats)
   return out
 
 

@@ -23,3 +23,11 @@ def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return first, float(np.median(times))
+
+
+def random_stats(variables, key):
+  """``variables`` with random BN statistics in [0.5, 1.5], which make folding non-trivial."""
+  leaves, tree = jax.tree.flatten(variables["batch_stats"])
+  keys = jax.random.split(key, len(leaves))
+  leaves = [jax.random.uniform(k, l.shape, minval=0.5, maxval=1.5) for k, l in zip(keys, leaves)]
+  return {**variables, "batch_stats": jax.tree.unflatten(tree, leaves)}

@@ -35,7 +35,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.calibration_images = 512
   c.calibration_batch_size = 128
-  c.ptq_methods = ("minmax", "percentile", "mse")
+  # Methods to run on every setting (fat/methods/; "ptq_minmax" and "fat" are
+  # required); add "qat" for the full-QAT baseline (configs/fashion_mnist/*_qat.py).
+  c.methods = ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat")
   c.percentile = 99.99
   c.settings = [
       setting("w8a8_per_channel", 8, 8, True),
@@ -64,7 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       project_thresholds=True,
   ))
   c.qat = ml_collections.ConfigDict(dict(
-      enabled=False, batch_size=100, epochs=1, learning_rate=1e-5, train_fraction=1.0))
+      batch_size=100, epochs=1, learning_rate=1e-5, train_fraction=1.0))
   c.log_every = 20
   if arg == "smoke":
     c.eval_examples = 200

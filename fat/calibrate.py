@@ -164,3 +164,26 @@ def mse_search(qmodel: nn.Module, variables: dict, batches: Iterable, *,
       raise ValueError(f"no {key} in thresholds: variables and model disagree.")
     flat[key] = jnp.asarray(alpha, jnp.float32).reshape(flat[key].shape)
   return {**variables, TRAINABLE_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}
+
+
+class SharedRanges:
+  """Activation ranges on one set of calibration images, computed once per
+  (statistic, quantized activations) and shared by every setting that
+  quantizes the same activations (``observed_key``).
+
+      ranges = SharedRanges(folded_params, calib_split, batch_size=128)
+      ranges(qmodel, "minmax")
+  """
+
+  def __init__(self, params, images, *, batch_size: int, percentile: float = 99.99):
+    self.params, self.images, self.batch_size = params, images, batch_size
+    self.percentile, self.cache = percentile, {}
+
+  def __call__(self, qmodel: nn.Module, method: str) -> dict:
+    key = (method, observed_key(qmodel.mode.rules))
+    if key not in self.cache:
+      batches = (x for x, _ in self.images.batches(self.batch_size))
+      self.cache[key] = activation_ranges(
+          qmodel, self.params, batches, method=method, percentile=self.percentile,
+          num_batches=-(-len(self.images) // self.batch_size))
+    return self.cache[key]

@@ -60,3 +60,25 @@ def mcnemar(preds_a: np.ndarray, preds_b: np.ndarray,
   n = a_only + b_only
   p = stats.binomtest(a_only, n, 0.5).pvalue if n else 1.0
   return a_only, b_only, float(p)
+
+
+def logits(fn: Callable, variables, split, batch_size: int) -> np.ndarray:
+  """Logits of the jitted ``fn(variables, x)`` over ``split``, in its order."""
+  return np.concatenate([np.asarray(fn(variables, x)) for x, _ in split.batches(batch_size)])
+
+
+class Evaluator:
+  """Top-1 on an eval split and, once ``reference`` (the float model's
+  predictions) is set, agreement with it."""
+
+  def __init__(self, split, batch_size: int):
+    self.split, self.batch_size, self.reference = split, batch_size, None
+
+  def __call__(self, predict_fn: Callable, variables, desc: str) -> tuple[dict, np.ndarray]:
+    """``({"top1_pct", "agreement_pct"}, predictions)`` of ``predict_fn``
+    (from ``make_predict``) with ``variables``."""
+    preds = predict(predict_fn, variables, self.split, self.batch_size, desc=desc)
+    out = {"top1_pct": top1_pct(preds, self.split.labels)}
+    if self.reference is not None:
+      out["agreement_pct"] = agreement_pct(preds, self.reference)
+    return out, preds

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from fat import atomic
+from fat.methods import registry
 
-REQUIRED_METHODS = ("ptq_minmax", "fat")
-METHOD_ORDER = ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat", "qat")
+REQUIRED_METHODS = registry.REQUIRED
 TRAIN_FIELDS = ("train_seconds", "train_images", "epochs", "steps")
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "a boolean"
@@ -103,10 +103,10 @@ def _row(setting: Mapping, name: str, fp32: float) -> str:
   return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def method_order(methods: Mapping) -> list[str]:
-  """The known methods in canonical order, then any others."""
-  return ([m for m in METHOD_ORDER if m in methods]
-          + [m for m in methods if m not in METHOD_ORDER])
+def method_order(names: Mapping) -> list[str]:
+  """The methods of a report entry in the registry's order (``fat.methods``),
+  then any that are not registered."""
+  return registry.ordered(names)
 
 
 def format_markdown(report: dict) -> str:
@@ -142,12 +142,4 @@ def write_report(workdir: str, report: dict) -> None:
 
 # Moved names, still read from here by experiments/train.py as committed; they go when
 # it imports them from their modules. Resolved on use, so this module needs no matplotlib.
-_MOVED = {"write_json": "fat.atomic", "plot_thresholds": "fat.plots",
-          "plot_weight_ranges": "fat.plots", "plot_losses": "fat.plots"}
 
-
-def __getattr__(name: str) -> Any:
-  if name not in _MOVED:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  import importlib  # pylint: disable=import-outside-toplevel
-  return getattr(importlib.import_module(_MOVED[name]), name)

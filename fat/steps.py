@@ -1,5 +1,10 @@
 """Threshold training (FAT) and full QAT as pure, jitted step functions.
 
+Every step has the signature ``step(trainable, opt_state, frozen, x, target)
+-> (trainable, opt_state, metrics)``, where ``trainable`` and ``frozen`` are
+the two halves of a ``fat.variables.Partition`` (dicts of collections), so
+that one loop (``fat.loop.train``) drives them all.
+
 FAT (METHOD.md section 3): only ``thresholds`` (alpha, beta) are trained, by
 distillation between the float model's logits and the quantized model's
 logits on unlabeled images. Full QAT trains ``params`` and ``thresholds``
@@ -89,10 +94,19 @@ def _apply_with_bounds(qmodel, variables, x):
   return out, state.get(BOUNDS_COLLECTION, {})
 
 
+def project_trainable(trainable: dict, bounds) -> dict:
+  """``trainable`` with its ``thresholds`` collection projected onto ``bounds``."""
+  if TRAINABLE_COLLECTION not in trainable:
+    return trainable
+  return {**trainable,
+          TRAINABLE_COLLECTION: project_thresholds(trainable[TRAINABLE_COLLECTION], bounds)}
+
+
 def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str = "rmse",
                   project: bool = True):
-  """``step(thresholds, opt_state, frozen, x, teacher_logits) -> (thresholds, opt_state, metrics)``.
+  """``step(trainable, opt_state, frozen, x, teacher_logits) -> (trainable, opt_state, metrics)``.
 
+  ``trainable`` is ``{"thresholds": ...}`` (``fat.variables.FAT_TRAINABLE``);
   ``frozen`` holds every other collection of the quantized variables
   (``params`` and ``quant_stats``); it receives no gradient. ``project=False``
   leaves the updated thresholds unclipped (the original recipe).
@@ -100,17 +114,17 @@ def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str
   if loss not in LOSSES:
     raise ValueError(f"distillation loss must be one of {LOSSES}, got {loss!r}.")
 
-  def loss_fn(thresholds, frozen, x, teacher):
-    q, bounds = _apply_with_bounds(qmodel, {**frozen, TRAINABLE_COLLECTION: thresholds}, x)
+  def loss_fn(trainable, frozen, x, teacher):
+    q, bounds = _apply_with_bounds(qmodel, {**frozen, **trainable}, x)
     return distillation_loss(q, teacher, loss), bounds
 
-  return _make_guarded_step(
-      loss_fn, tx, project_thresholds if project else lambda t, _: t)
+  return _make_guarded_step(loss_fn, tx, project_trainable if project else lambda t, _: t)
 
 
 def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
   """Full QAT: ``step(trainable, opt_state, frozen, x, labels)`` with
-  ``trainable = {"params": ..., "thresholds": ...}`` and cross-entropy on labels."""
+  ``trainable = {"params": ..., "thresholds": ...}`` (``fat.variables.QAT_TRAINABLE``)
+  and cross-entropy on labels."""
   # The kernels get gradients here, so thresholds reuse them (layers.QuantMode).
   qmodel = qmodel.clone(mode=dataclasses.replace(qmodel.mode, weights_trained=True))
 
@@ -118,8 +132,4 @@ def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
     logits, bounds = _apply_with_bounds(qmodel, {**frozen, **trainable}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), bounds
 
-  def project(trainable, bounds):
-    t = trainable[TRAINABLE_COLLECTION]
-    return {**trainable, TRAINABLE_COLLECTION: project_thresholds(t, bounds)}
-
-  return _make_guarded_step(loss_fn, tx, project)
+  return _make_guarded_step(loss_fn, tx, project_trainable)

@@ -8,7 +8,7 @@ import pytest
 
 from configs.fashion_mnist import mobilenet_v2_qat
 from experiments.train import train_and_evaluate
-from tests.test_main_smoke import _calibrated_smoke_model, run_main
+from tests.test_main_smoke import run_main
 
 
 def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
@@ -16,11 +16,11 @@ def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
   process, with another hash seed, gives the same report apart from timings."""
   config = mobilenet_v2_qat.get_config("smoke")
   config.model_checkpoint = float_ckpt
-  config.ptq_methods = ("minmax",)
+  config.methods = ("ptq_minmax", "fat", "qat")
   config.eval_examples = 100
   a = train_and_evaluate(config, str(tmp_path / "a"))
   r = run_main("--config=configs/fashion_mnist/mobilenet_v2_qat.py:smoke",
-               f"--config.model_checkpoint={float_ckpt}", "--config.ptq_methods=('minmax',)",
+               f"--config.model_checkpoint={float_ckpt}", "--config.methods=('ptq_minmax','fat','qat')",
                "--config.eval_examples=100", f"--workdir={tmp_path / 'b'}",
                env={"PYTHONHASHSEED": "12345"}, timeout=900)  # a whole job with QAT
   assert r.returncode == 0, r.stderr[-3000:]
@@ -35,36 +35,3 @@ def test_same_seed_same_report_across_processes(float_ckpt, tmp_path):
   assert set(strip(a)[0]) == {"ptq_minmax", "fat", "qat"}
   assert strip(a) == strip(b)
   assert a["fp32"] == b["fp32"]
-
-
-def test_all_nan_epoch_is_an_error(float_ckpt):
-  """The NaN guard reverts bad steps; an epoch where every step is bad stops the job."""
-  import jax
-  from clu import metric_writers
-  from experiments.train import train_thresholds
-  config, qmodel, qvars, images, x = _calibrated_smoke_model(float_ckpt)
-  teacher = np.full((64, 10), np.nan, np.float32)
-  writer = metric_writers.create_default_writer(None, just_logging=True)
-  with pytest.raises(FloatingPointError, match="every step of epoch 1 gave a non-finite"):
-    train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t", 1)
-  teacher[:] = 0.0
-  apply = jax.jit(qmodel.apply)
-  apply(qvars, x[:8])
-  trained, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer,
-                                       "t", 1)
-  assert stats["nonfinite_steps"] == 0 and stats["steps"] == 2
-  # The trained variables come back unreplicated: evaluation reuses its compile.
-  apply(trained, x[:8])
-  assert apply._cache_size() == 1
-
-
-def test_qat_checks_each_epoch_for_nan(float_ckpt):
-  """QAT stops at the first epoch whose every step was reverted, naming it."""
-  import ml_collections
-  from clu import metric_writers
-  from experiments.train import train_qat
-  config, qmodel, qvars, images, _ = _calibrated_smoke_model(float_ckpt)
-  cfg = ml_collections.ConfigDict(dict(batch_size=32, epochs=2, learning_rate=float("nan")))
-  writer = metric_writers.create_default_writer(None, just_logging=True)
-  with pytest.raises(FloatingPointError, match="QAT t: every step of epoch 1 gave a non-finite"):
-    train_qat(qmodel, qvars, images, cfg, 0, writer, "t", 1)

@@ -145,63 +145,10 @@ def test_corrupt_checkpoint_and_unwritable_workdir(float_ckpt, tmp_path):
   assert r.returncode != 0 and "cannot be written" in r.stderr, r.stderr[-2000:]
 
 
-def _calibrated_smoke_model(float_ckpt):
-  """(config, quantized model, calibrated variables, 64 test images, their inputs)."""
-  from experiments.train import setting_rules
-  from fat import calibrate, data, fold, models
-  variables, meta = checkpoints.load(float_ckpt)
-  model = models.create(meta["model"], **meta["model_kwargs"])
-  folded = fold.fold_variables(variables, model.bn_eps)
-  config = default.get_config("smoke")
-  qmodel = calibrate.quantized(model, setting_rules(config.settings[0], config.fat))
-  images = data.load_fashion_mnist("test").take(np.arange(64))
-  x = data.normalize(images.images)
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
-  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
-  return config, qmodel, qvars, images, x
-
-
-def test_early_stop_keeps_best_thresholds(float_ckpt):
-  """With patience p, FAT stops after p scores in a row without a new best and
-  returns the thresholds that were scored best."""
-  import jax
-  from clu import metric_writers
-  from experiments.train import train_thresholds
-  from fat.layers import TRAINABLE_COLLECTION
-  config, qmodel, qvars, images, _ = _calibrated_smoke_model(float_ckpt)
-  config.fat.epochs, config.fat.select_every, config.fat.patience = 4, 1, 2
-  teacher = np.zeros((64, 10), np.float32)
-  # Scores at steps 0, 1, 2, ...: a new best at step 2, then two worse ones.
-  fake_scores = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
-  seen = []
-
-  def score(v):
-    seen.append(jax.tree.map(np.asarray, v[TRAINABLE_COLLECTION]))
-    return next(fake_scores)
-
-  writer = metric_writers.create_default_writer(None, just_logging=True)
-  trained, losses, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0,
-                                            writer, "t", 100, score=score)
-  assert stats["steps"] == 4 and stats["kept_step"] == 2
-  assert stats["epochs"] == 2.0  # of the 4 configured: 2 steps an epoch
-  assert [s for s, _ in stats["calibration_loss_by_step"]] == [0, 1, 2, 3, 4]
-  assert losses[-1][0] == 4  # the loss curve ends where training stopped
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(np.asarray, trained[TRAINABLE_COLLECTION]), seen[2])
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seen[2]),
-                                                     jax.tree.leaves(seen[4])))
-  config.fat.patience = 0  # no early stop: all 8 steps run
-  fake_scores = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
-  _, _, stats = train_thresholds(qmodel, qvars, images, teacher, config.fat, 0, writer, "t",
-                                 100, score=score)
-  assert stats["steps"] == 8 and stats["kept_step"] == 8 and stats["epochs"] == 4.0
-
-
 def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
   """One calibration pass per method serves every setting that quantizes the same
   activations, and gives the ranges that setting's own pass would."""
-  from experiments.train import range_finder, setting_rules
-  from fat import calibrate, data, fold, models
+  from fat import calibrate, data, fold, models, pipeline
   variables, meta = checkpoints.load(float_ckpt)
   model = models.create(meta["model"], **meta["model_kwargs"])
   folded = fold.fold_variables(variables, model.bn_eps)
@@ -211,8 +158,9 @@ def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
   original = calibrate.activation_ranges
   monkeypatch.setattr(calibrate, "activation_ranges",
                       lambda *a, **k: passes.append(k["method"]) or original(*a, **k))
-  ranges = range_finder(folded["params"], calib, config)
-  qmodels = [calibrate.quantized(model, setting_rules(s, config.fat)) for s in config.settings]
+  ranges = calibrate.SharedRanges(folded["params"], calib, batch_size=config.calibration_batch_size)
+  qmodels = [calibrate.quantized(model, pipeline.config_rules(s, config.fat))
+             for s in config.settings]
   assert len(qmodels) == 2
   first = {m: ranges(qmodels[0], m) for m in ("minmax", "percentile")}
   second = {m: ranges(qmodels[1], m) for m in ("minmax", "percentile")}

@@ -1,244 +1,158 @@
-"""FAT threshold training, full QAT steps, the distillation losses and MSE PTQ."""
+"""The method registry (fat.methods): lookup, run order, config checks, and a
+toy method added in one file that reaches the report without editing the main job."""
 
-import functools
+import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
-from fat import calibrate, fold, methods, models, quant, rules, schedules
-from fat.layers import ACT_COLLECTION, BOUNDS_COLLECTION, TRAINABLE_COLLECTION
+from configs import default
+from experiments import config_checks
+from fat import methods
+
+
+def test_builtin_methods_in_run_order():
+  assert methods.names()[:5] == ["ptq_minmax", "ptq_percentile", "ptq_mse", "fat", "qat"]
+  assert methods.get("fat").kind == methods.TRAINED and methods.get("ptq_mse").kind == methods.PTQ
+  # PTQ methods run first, whatever order the config lists them in.
+  assert methods.ordered(["qat", "fat", "ptq_mse", "ptq_minmax"]) == [
+      "ptq_minmax", "ptq_mse", "fat", "qat"]
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    methods.get("nope")
+
+
+def test_register_rejects_a_second_method_of_the_same_name():
+  m = methods.Method(name="ptq_test_dup", run=lambda ctx: None)
+  methods.register(m)
+  try:
+    methods.register(m)  # the same object again: fine
+    with pytest.raises(ValueError, match="already registered"):
+      methods.register(methods.Method(name="ptq_test_dup", run=lambda ctx: None))
+    with pytest.raises(ValueError, match="kind must be one of"):
+      methods.Method(name="x", run=lambda ctx: None, kind="other")
+  finally:
+    methods.unregister("ptq_test_dup")
+  assert "ptq_test_dup" not in methods.names()
+
+
+@pytest.mark.parametrize("selected, message", [
+    (("ptq_minmax", "fat", "ptq_typo"), r"config.methods has unknown \['ptq_typo'\]"),
+    (("ptq_mse", "fat"), r"config.methods must include \['ptq_minmax'\]"),
+    (("ptq_minmax", "fat", "fat"), "names a method twice"),
+])
+def test_config_checks_read_the_registry(selected, message):
+  c = default.get_config()
+  c.methods = selected
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate(c)
+
+
+def test_selected_methods_validate_their_own_fields():
+  c = default.get_config()
+  c.qat.batch_size = 0  # QAT not selected: not checked
+  config_checks.validate(c)
+  c.methods += ("qat",)
+  with pytest.raises(ValueError, match="config.qat.batch_size must be a positive integer"):
+    config_checks.validate(c)
+
+
+def test_toy_method_reaches_the_report(float_ckpt, tmp_path):
+  """tests/toy_method.py registers PTQ with alpha = 0.9; a config naming it runs
+  it through the unchanged main job, and the report, its markdown and FAT's
+  choice of start see it."""
+  from tests import toy_method
+  from experiments.train import train_and_evaluate
+  config = default.get_config("smoke")
+  config.model_checkpoint = float_ckpt
+  config.settings = config.settings[:1]
+  config.methods = ("ptq_minmax", "ptq_alpha09", "fat")
+  config.eval_examples = 100
+  config.fat.epochs = 1
+  try:
+    report = train_and_evaluate(config, str(tmp_path))
+  finally:
+    methods.unregister(toy_method.METHOD.name)
+  entry = report["settings"][0]
+  assert list(entry["methods"]) == ["ptq_minmax", "ptq_alpha09", "fat"]
+  toy = entry["methods"]["ptq_alpha09"]
+  assert toy["mean_alpha"] == pytest.approx(0.9) and set(toy["vs_fat"]) == {"fat_only_correct",
+                                                       "method_only_correct", "p_value"}
+  assert entry["best_ptq"] == "ptq_alpha09"  # the only PTQ method besides min/max
+  assert entry["methods"]["fat"]["init"] in ("ptq_minmax", "ptq_alpha09")
+  on_disk = json.load(open(tmp_path / "report.json"))
+  assert on_disk["settings"][0]["methods"]["ptq_alpha09"]["top1_pct"] == toy["top1_pct"]
+  assert "| ptq_alpha09" in (tmp_path / "report.md").read_text().replace("**", "")
 
 
 @pytest.fixture(scope="module")
-def setup():
+def tiny():
+  """A tiny float MobileNet-v2 (random weights) on random 16 px images, and a
+  ``Context`` factory for one W8A8 setting: each built-in method runs on it."""
+  import jax
+  import ml_collections
+  import numpy as np
+  from fat import calibrate, data, evaluate, models, pipeline, steps
   model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
-  x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 1))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
-                                          mutable=["batch_stats"]))
-  _, upd = train_apply(variables, x)
-  folded = fold.fold_variables({"params": variables["params"], **upd}, model.bn_eps)
-  fmodel = calibrate.quantized(model, (), stage="folded")
-  teacher = jax.jit(fmodel.apply)(folded, x)
-  r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
-                          act=quant.QuantSpec(bits=4))
-  qmodel = calibrate.quantized(model, r)
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
-  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
-  return qmodel, qvars, x, teacher
+  rng = np.random.default_rng(0)
+  split = data.Split(rng.integers(0, 256, (64, 16, 16, 1), dtype=np.uint8),
+                     rng.integers(0, 10, 64))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), data.normalize(split.images[:1]))
+  config = default.get_config("smoke")
+  config.calibration_images, config.calibration_batch_size = 32, 16
+  config.fat.batch_size, config.qat.batch_size, config.log_every = 16, 16, 1
+  config.qat.train_fraction = 1.0
+  s = pipeline.Setting(name="w8a8", weight_bits=8, act_bits=8, per_channel=True)
+  p = pipeline.prepare(model, variables, pipeline.setting_rules(s), split.head(32))
+  qmodel = p.qmodel
+  ranges = calibrate.SharedRanges(p.folded["params"], split.head(32), batch_size=16)
+  teacher = evaluate.logits(jax.jit(p.fmodel.apply), p.folded, split, 64)
+  apply = jax.jit(qmodel.apply)
+
+  def make(cfg=config, teacher=teacher):
+    distill = lambda v: float(steps.distillation_loss(
+        evaluate.logits(apply, v, split.head(32), 16), teacher[:32]))
+    qvars = pipeline.quantize(model, p.folded, qmodel.mode.rules, split.images[:1] / 1.0)[1]
+    return methods.Context(config=cfg, setting=s, qmodel=qmodel, variables=qvars,
+                           calib=split.head(32), unlabeled=split, train=split, teacher=teacher,
+                           act_ranges=lambda m: ranges(qmodel, m), distill=distill, results={})
+  return config, make
 
 
-def test_distillation_losses_match_formulas():
-  q = jnp.array([[1.0, 2.0], [0.0, -1.0]])
-  f = jnp.array([[0.0, 2.0], [1.0, 1.0]])
-  np.testing.assert_allclose(methods.distillation_loss(q, f, "rmse"),
-                             np.sqrt((1 + 0 + 1 + 4) / 4), rtol=1e-6)
-  expected = np.mean([np.sqrt(1 + 1e-5) + np.sqrt(1e-5), np.sqrt(1 + 1e-5) + np.sqrt(4 + 1e-5)])
-  np.testing.assert_allclose(methods.distillation_loss(q, f, "smooth_l1"), expected, rtol=1e-6)
-  with pytest.raises(ValueError, match="distillation loss"):
-    methods.distillation_loss(q, f, "l2")
+def test_each_method_runs_on_a_context(tiny):
+  config, make = tiny
+  ctx = make()
+  for name in methods.ordered(methods.names()):
+    result = methods.get(name).run(ctx)
+    ctx.results[name] = result.variables
+  minmax = ctx.results["ptq_minmax"]["quant_stats"]["stem"]["act_q"]
+  assert float(minmax["x_max"]) > 0 and float(minmax["x_min"]) <= 0
+  fat = methods.get("fat").run(ctx)
+  assert fat.stats["init"] in ("ptq_minmax", "ptq_percentile", "ptq_mse")
+  assert fat.stats["steps"] == 4 and fat.stats["train_images"] == 64  # 64 / 16, one epoch
+  assert [s for s, _ in fat.losses][-1] == fat.stats["steps"]
+  qat = methods.get("qat").run(ctx)
+  assert qat.stats["steps"] == 4 and qat.stats["epochs"] == 1.0
 
 
-def test_rmse_gradient_is_finite_where_logits_match():
-  f = jnp.array([[0.5, -1.0], [2.0, 0.0]])
-  grad = lambda q: jax.grad(lambda q: methods.distillation_loss(q, f, "rmse"))(q)
-  assert float(methods.distillation_loss(f, f, "rmse")) == 0.0
-  np.testing.assert_array_equal(grad(f), np.zeros((2, 2)))
-  # Elsewhere it is the gradient of sqrt(mean(d^2)): d / (n * rmse).
-  q = f + jnp.array([[1.0, 0.0], [0.0, -1.0]])
-  np.testing.assert_allclose(grad(q), np.array([[1.0, 0.0], [0.0, -1.0]]) / (4 * np.sqrt(0.5)),
-                             rtol=1e-6)
+def test_all_nan_epoch_names_the_methods_knob(tiny):
+  import numpy as np
+  config, make = tiny
+  ctx = make(teacher=np.full((64, 10), np.nan, np.float32))
+  ctx.results["ptq_minmax"] = methods.get("ptq_minmax").run(ctx).variables
+  with pytest.raises(FloatingPointError, match=r"FAT w8a8: every step of epoch 1 gave a "
+                                               r"non-finite .* config\.fat\.learning_rate"):
+    methods.get("fat").run(ctx)
+  cfg = config.copy_and_resolve_references()
+  cfg.qat.learning_rate = float("nan")
+  ctx = make(cfg)
+  ctx.results["ptq_minmax"] = methods.get("ptq_minmax").run(ctx).variables
+  with pytest.raises(FloatingPointError, match=r"QAT w8a8: every step of epoch 1 .* "
+                                               r"config\.qat\.learning_rate"):
+    methods.get("qat").run(ctx)
 
 
-@pytest.fixture(scope="module")
-def fat_step(setup):
-  """(optimizer, FAT step) at lr 1e-2 with projection, compiled once for the tests."""
-  tx = schedules.fat_optimizer(1e-2, reset_steps=400)
-  return tx, methods.make_fat_step(setup[0], tx, "rmse")
-
-
-def _alphas(thresholds) -> np.ndarray:
-  return np.concatenate([np.ravel(a) for p, a in jax.tree_util.tree_leaves_with_path(thresholds)
-                         if p[-1].key == "alpha"])
-
-
-def test_fat_lowers_loss_and_trains_only_thresholds(setup, fat_step):
-  qmodel, qvars, x, teacher = setup
-  tx, step = fat_step
-  thresholds = qvars[TRAINABLE_COLLECTION]
-  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-  frozen_before = jax.tree.map(np.array, frozen)
-  opt_state = tx.init(thresholds)
-  first = None
-  for _ in range(30):
-    thresholds, opt_state, m = step(thresholds, opt_state, frozen, x, teacher)
-    first = float(m["loss"]) if first is None else first
-  final = float(methods.distillation_loss(
-      jax.jit(qmodel.apply)({**frozen, TRAINABLE_COLLECTION: thresholds}, x), teacher))
-  assert final < 0.9 * first, (first, final)
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         thresholds, qvars[TRAINABLE_COLLECTION])
-  assert any(jax.tree.leaves(changed))
-  names = {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(thresholds)}
-  assert names == {"alpha", "beta"}
-  jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.array, frozen))
-  # Projection: every alpha stays in QuantSpec.alpha_range, and they still train.
-  alphas = _alphas(thresholds)
-  assert np.all((alphas >= 0.5) & (alphas <= 1.0)) and np.any(alphas < 1.0)
-
-
-def test_nan_guard_keeps_last_good_thresholds(setup, fat_step):
-  qmodel, qvars, x, teacher = setup
-  tx, step = fat_step
-  thresholds = qvars[TRAINABLE_COLLECTION]
-  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-  opt_state = tx.init(thresholds)
-  thresholds, opt_state, _ = step(thresholds, opt_state, frozen, x, teacher)
-  thresholds, opt_state, _ = step(thresholds, opt_state, frozen, x, teacher)
-  bad, bad_opt, m = step(thresholds, opt_state, frozen, x, teacher * jnp.nan)
-  assert not bool(m["finite"])
-  jax.tree.map(np.testing.assert_array_equal, bad, thresholds)
-  # Adam is reset (moments and bias-correction count zero) ...
-  (reset, schedule, _), (before, schedule_before, _) = bad_opt, opt_state
-  adam, adam_before = reset.inner, opt_state[0].inner
-  assert int(adam.count) == 0 and int(adam_before.count) == 2
-  for moment in (adam.mu, adam.nu):
-    assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(moment))
-  assert any(np.any(np.asarray(a)) for a in jax.tree.leaves(adam_before.nu))
-  # ... while the schedule and the periodic-reset counter keep their step.
-  assert int(reset.count) == int(before.count) == 2
-  assert int(schedule.count) == int(schedule_before.count) == 2
-
-
-def test_nan_guard_catches_an_overflowing_adam_moment():
-  """A finite gradient above ~1.8e19 overflows Adam's second moment to inf while
-  the loss, the update (0) and the variables stay finite; the step is refused."""
-  tx = schedules.fat_optimizer(1e-3, 400, 1e-4)
-  step = methods._make_guarded_step(
-      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), tx, lambda t, _: t)
-  t, opt = {"alpha": jnp.ones(3)}, tx.init({"alpha": jnp.ones(3)})
-  t, opt, m = step(t, opt, {}, jnp.ones(3), None)
-  assert bool(m["finite"])
-  after, after_opt, m = step(t, opt, {}, jnp.array([1e20, 1.0, 1.0]), None)
-  assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
-  np.testing.assert_array_equal(after["alpha"], t["alpha"])
-  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(after_opt))
-  # An optimizer without state (SGD) passes the guard.
-  sgd = optax.sgd(0.1)
-  step = methods._make_guarded_step(
-      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), sgd, lambda t, _: t)
-  t, _, m = step({"alpha": jnp.ones(3)}, sgd.init({"alpha": jnp.ones(3)}), {}, jnp.ones(3), None)
-  assert bool(m["finite"]) and np.allclose(t["alpha"], 0.9)
-
-
-def test_threshold_bounds_mirror_the_thresholds(setup):
-  qmodel, qvars, x, _ = setup
-  bounds = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[BOUNDS_COLLECTION])[1])(
-      qvars, x)[BOUNDS_COLLECTION]
-  thresholds = qvars[TRAINABLE_COLLECTION]
-  assert jax.tree.structure(bounds) == jax.tree.structure(thresholds)
-  ranges = {"alpha": (0.5, 1.0), "beta": (-0.2, 0.4)}  # QuantSpec's defaults
-  for path, b in jax.tree_util.tree_leaves_with_path(bounds):
-    t = thresholds
-    for k in path:
-      t = t[k.key]
-    assert b.shape == (2, *np.shape(t)), path
-    lo, hi = ranges[path[-1].key]
-    np.testing.assert_array_equal(b[0], np.full(np.shape(t), lo, np.float32))
-    np.testing.assert_array_equal(b[1], np.full(np.shape(t), hi, np.float32))
-
-
-def test_project_thresholds_clips_each_leaf_into_its_bounds():
-  t = {"a": {"alpha": jnp.array([0.2, 0.7, 1.3]), "beta": jnp.array(0.9)}}
-  b = {"a": {"alpha": jnp.array([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]),
-             "beta": jnp.array([-0.2, 0.4])}}
-  out = methods.project_thresholds(t, b)
-  np.testing.assert_allclose(out["a"]["alpha"], [0.5, 0.7, 1.0], rtol=1e-7)
-  assert float(out["a"]["beta"]) == pytest.approx(0.4)
-
-
-def test_without_projection_alphas_leave_their_range(setup):
-  """``project=False`` (the original recipe): an alpha that steps past 1.0 gets
-  a zero gradient there and stays out of range (the projected run is checked
-  in ``test_fat_lowers_loss_and_trains_only_thresholds``)."""
-  qmodel, qvars, x, teacher = setup
-  tx = schedules.fat_optimizer(1e-2)
-  step = methods.make_fat_step(qmodel, tx, project=False)
-  thresholds = qvars[TRAINABLE_COLLECTION]
-  frozen = {k: v for k, v in qvars.items() if k != TRAINABLE_COLLECTION}
-  opt_state = tx.init(thresholds)
-  for _ in range(10):
-    thresholds, opt_state, _ = step(thresholds, opt_state, frozen, x, teacher)
-  assert np.any(_alphas(thresholds) > 1.0)
-
-
-def test_qat_step_trains_params_and_thresholds(setup):
-  qmodel, qvars, x, _ = setup
-  y = jnp.arange(len(x)) % 10
-  tx = optax.adam(1e-3)
-  step = methods.make_qat_step(qmodel, tx)
-  trainable = {"params": qvars["params"], TRAINABLE_COLLECTION: qvars[TRAINABLE_COLLECTION]}
-  frozen = {ACT_COLLECTION: qvars[ACT_COLLECTION]}
-  opt_state = tx.init(trainable)
-  losses = []
-  for _ in range(40):
-    trainable, opt_state, m = step(trainable, opt_state, frozen, x, y)
-    losses.append(float(m["loss"]))
-  assert np.mean(losses[-5:]) < 0.95 * losses[0], losses
-  stem = trainable["params"]["stem"]["conv"]["kernel"]
-  assert not np.allclose(stem, qvars["params"]["stem"]["conv"]["kernel"])
-
-
-def test_mse_search_picks_the_grid_minimum():
-  spec = quant.QuantSpec(bits=3, per_channel=True)
-  w = jax.random.normal(jax.random.PRNGKey(3), (50, 4)) * jnp.array([1.0, 2.0, 3.0, 4.0])
-  qp = quant.init_params(w, spec)
-  grid, errors = quant.alpha_sweep(w, qp, spec, num=11)
-  assert errors.shape == (11, 4)
-  from tests.test_quant import np_fake_quant  # float64 reference, not quant._forward
-  w64, t_max = np.asarray(w, np.float64), np.max(np.abs(np.asarray(w, np.float64)), axis=0)
-  for c in range(4):
-    direct = [float(np.sum((np_fake_quant(w64, spec, -t_max, t_max, np.full(4, a), 0.0)[0]
-                            - w64)[:, c] ** 2)) for a in np.asarray(grid, np.float64)]
-    np.testing.assert_allclose(np.asarray(errors[:, c]), direct, rtol=1e-4)
-
-
-def test_mse_search_picks_each_channels_least_error(setup):
-  """For a per-channel weight, ``mse_search`` keeps, per output channel, the
-  grid alpha whose float64 reference quantization error is least."""
-  from tests.test_quant import np_fake_quant
-  qmodel, qvars, x, _ = setup
-  searched = calibrate.mse_search(qmodel, qvars, [x[:8], x[8:]], progress=False)
-  spec = quant.QuantSpec(bits=4, per_channel=True)  # the setup's weight spec
-  grid = np.linspace(*spec.alpha_range, 21)
-  for layer in ("stem", "block_3/dw", "block_5/project"):
-    node_w, node_t = qvars["params"], searched[TRAINABLE_COLLECTION]
-    for key in layer.split("/") + ["conv"]:
-      node_w, node_t = node_w[key], node_t[key]
-    w = np.asarray(node_w["kernel"], np.float64)
-    t_max = np.max(np.abs(w), axis=(0, 1, 2))
-    errors = np.stack([np.sum((np_fake_quant(w, spec, -t_max, t_max, np.full_like(t_max, a),
-                                             0.0)[0] - w) ** 2, axis=(0, 1, 2))
-                       for a in grid])  # (21, C)
-    chosen = np.asarray(node_t["alpha"])
-    assert chosen.shape == t_max.shape
-    index = np.abs(chosen[None, :] - grid[:, None]).argmin(axis=0)
-    np.testing.assert_allclose(chosen, grid[index], atol=1e-6)  # a grid point
-    picked = errors[index, np.arange(len(chosen))]
-    # The least error per channel (up to float32-vs-float64 rounding ties).
-    np.testing.assert_allclose(picked, errors.min(axis=0), rtol=1e-4, atol=1e-12)
-    assert np.any(chosen < 1.0), layer  # 4 bits: clipping pays somewhere
-
-
-def test_mse_search_lowers_output_error(setup):
-  qmodel, qvars, x, teacher = setup
-  searched = calibrate.mse_search(qmodel, qvars, [x], progress=False)
-  apply = jax.jit(qmodel.apply)  # eager apply dispatches op by op: 30 s per call here
-  err = lambda v: float(jnp.mean((apply(v, x) - teacher) ** 2))
-  assert err(searched) < err(qvars)
-  alphas = [a for p, a in jax.tree_util.tree_leaves_with_path(searched[TRAINABLE_COLLECTION])
-            if p[-1].key == "alpha"]
-  assert all(np.all((a >= 0.5) & (a <= 1.0)) for a in alphas)  # QuantSpec.alpha_range
+def test_qat_checks_its_data_before_anything_runs(tiny):
+  config, make = tiny
+  cfg = config.copy_and_resolve_references()
+  cfg.qat.batch_size = 100
+  with pytest.raises(ValueError, match="config.qat.batch_size 100 exceeds the 64 QAT train"):
+    methods.get("qat").check_data(cfg, make().train)

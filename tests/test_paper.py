@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from configs.paper import _base
 from experiments import config_checks
-from experiments.train import setting_rules, train_and_evaluate
-from fat import calibrate, models
+from experiments.train import train_and_evaluate
+from fat import calibrate, models, pipeline
 from fat.models import pretrained, tf_mnasnet
 from tests.test_imagenet import CLASSES, write_image_folder
 
@@ -107,7 +107,7 @@ def test_paper_config_loads_and_builds(name):
   model = models.create(model_name, num_classes=1000, width=width, padding="same", bn_eps=eps)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda v: model.init(jax.random.PRNGKey(0), v), x)
-  qmodel = calibrate.quantized(model, setting_rules(config.settings[0], config.fat))
+  qmodel = calibrate.quantized(model, pipeline.config_rules(config.settings[0], config.fat))
   folded = {"params": variables["params"]}
   out = jax.eval_shape(lambda v: qmodel.init(jax.random.PRNGKey(0), v), x)
   assert out["params"].keys() == folded["params"].keys()

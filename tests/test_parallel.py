@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np, optax
-from fat import calibrate, float_training, fold, methods, models, parallel, quant, rules
+from fat import float_training, models, parallel, pipeline, quant, rules, steps, variables
 from fat.layers import TRAINABLE_COLLECTION
 
 assert len(jax.devices()) == 2, jax.devices()
@@ -65,20 +65,18 @@ out["float_moved"] = max(jax.tree.leaves(jax.tree.map(
 # activations summed in another order would move some values across rounding
 # boundaries, and the straight-through gradient jumps there). SGD, because
 # Adam scales gradients that are zero up to summation order to full-size steps.
-folded = fold.fold_variables(v64, model64.bn_eps)
 r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
                         act=quant.QuantSpec(bits=8))
-qmodel = calibrate.quantized(model64, r)
 x64 = x.astype(np.float64)
-qvars = calibrate.init_quant_variables(qmodel, folded["params"], x64)
-qvars = calibrate.calibrate(qmodel, qvars, [x64], progress=False)
-teacher = np.asarray(jax.jit(calibrate.quantized(model64, (), stage="folded").apply)(folded, x64))
-frozen = {k: qvars[k] for k in qvars if k != TRAINABLE_COLLECTION}
+prep = pipeline.prepare(model64, v64, r, x64, batch_size=len(x64))
+qmodel, qvars = prep.qmodel, prep.variables
+teacher = np.asarray(jax.jit(prep.fmodel.apply)(prep.folded, x64))
+part = variables.partition(qvars)
 fat_tx = optax.sgd(1.0)
-fat_step = methods.make_fat_step(qmodel, fat_tx)
+fat_step = steps.make_fat_step(qmodel, fat_tx)
 res = {}
 for n, mesh in meshes.items():
-  t, fz = parallel.replicate((qvars[TRAINABLE_COLLECTION], frozen), mesh)
+  t, fz = parallel.replicate((part.trainable, part.frozen), mesh)
   o = parallel.replicate(fat_tx.init(t), mesh)
   losses = []
   for i in range(3):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fat import depthwise, layers, qlinear, quant, rules
-from fat.layers import TRAINABLE_COLLECTION
+from fat import variables as fat_variables
 from tests.test_quant import ste_fake_quant
 
 
@@ -172,11 +172,11 @@ def test_layer_threshold_gradients_same_with_and_without_weight_training():
     fat_model = _Tiny(mode=fat_mode)
     qat_model = _Tiny(mode=dataclasses.replace(fat_mode, weights_trained=True))
     variables = fat_model.init(jax.random.PRNGKey(0), x)
-    frozen = {k: v for k, v in variables.items() if k != TRAINABLE_COLLECTION}
-    thresholds = jax.tree.map(lambda a: a * 0.8, variables[TRAINABLE_COLLECTION])
+    part = fat_variables.partition(variables)
+    thresholds = jax.tree.map(lambda a: a * 0.8, part.trainable)
 
     def grads(m):
-      loss = lambda t: jnp.sum(jnp.sin(m.apply({**frozen, TRAINABLE_COLLECTION: t}, x)))
+      loss = lambda t: jnp.sum(jnp.sin(m.apply(part.with_trainable(t).merged(), x)))
       return jax.jit(jax.grad(loss))(thresholds)
 
     a, b = grads(fat_model), grads(qat_model)

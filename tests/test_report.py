@@ -124,16 +124,6 @@ def test_failed_write_keeps_the_old_file(tmp_path):
   assert os.listdir(tmp_path) == ["out.json"]
 
 
-def test_moved_names_still_resolve_from_report():
-  """experiments/train.py reads these from fat.report until it imports them from
-  their new modules; then the re-exports and this test go."""
-  assert rp.write_json is atomic.write_json
-  for name in ("plot_thresholds", "plot_weight_ranges", "plot_losses"):
-    assert getattr(rp, name) is getattr(plots, name)
-  for name in ("seed_spread_markdown", "lr_sweep_markdown", "nope"):
-    assert not hasattr(rp, name), name
-
-
 def test_invalid_report_is_not_written(tmp_path):
   bad = make_report()
   del bad["fp32"]

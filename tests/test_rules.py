@@ -205,28 +205,3 @@ def test_first_last_rule_inner_layers_are_4bit(first_last):
   for layer in ("head/conv", "block_16/project/conv", "block_10/expand/conv"):
     lv = levels_per_channel(inner[layer])
     assert lv.max() == 15 and np.median(lv) >= 12, (layer, lv)
-
-
-def test_asymmetric_settings_keep_the_input_symmetric():
-  """With asymmetric activations the fixed-range input stays symmetric: on [-1, 1]
-  (keras preprocessing) an asymmetric grid puts all 256 pixel levels on rounding
-  ties, the symmetric one none."""
-  from configs.default import get_config, setting
-  from experiments.train import setting_rules
-  from fat import quant
-  fat_cfg = get_config().fat
-  rules = setting_rules(setting("asym", 8, 8, True, "asymmetric", "asymmetric"), fat_cfg)
-  assert resolve(rules, "input_q", "act").kind == "symmetric"
-  assert resolve(rules, "block_3/expand/act_q", "act").kind == "asymmetric"
-  assert resolve(rules, "stem/conv", "weight").kind == "asymmetric"
-  sym = setting_rules(setting("sym", 8, 8, True), fat_cfg)
-  assert resolve(sym, "input_q", "act") is resolve(sym, "block_3/expand/act_q", "act")
-  x = jnp.arange(256.0) / 127.5 - 1.0
-
-  def tie_fraction(spec):
-    qp = quant.params_from_range(-1.0, 1.0, spec)
-    s = 1.0 / np.asarray(quant.grid_step(qp, spec), np.float64)
-    u = np.asarray(x, np.float64) * s
-    return np.mean(np.abs(u - np.floor(u) - 0.5) < 1e-3)
-  assert tie_fraction(dataclasses.replace(A8, kind="asymmetric")) == 1.0
-  assert tie_fraction(resolve(rules, "input_q", "act")) == 0.0

@@ -13,7 +13,7 @@ from configs import default
 def get_config(arg: str = ""):
   c = default.get_config(arg)
   c.settings = [default.setting("w8a8_per_channel", 8, 8, True)]
-  c.qat.enabled = True
+  c.methods += ("qat",)
   if arg == "smoke":
     c.qat.train_fraction = 0.004
     c.qat.batch_size = 32

@@ -63,7 +63,7 @@ def paper_config(net: str, *, per_channel: bool, asymmetric: bool, paper_top1: f
     c.eval_batch_size = 4
     c.calibration_images = 4
     c.calibration_batch_size = 2
-    c.ptq_methods = ("minmax",)
+    c.methods = ("ptq_minmax", "fat")
     c.fat.train_fraction = 1.0
     c.fat.batch_size = 2
     c.fat.epochs = 1

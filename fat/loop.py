@@ -1,0 +1,144 @@
+"""One training loop for every trained method (FAT, QAT, and whatever comes next).
+
+    out = loop.train(step, part, opt_state, batches, spec, writer=writer)
+    out.variables, out.losses, out.stats
+
+``step(trainable, opt_state, frozen, x, target) -> (trainable, opt_state,
+metrics)`` is a jitted step from ``fat.steps`` (metrics: ``loss`` and
+``finite``); ``part`` is a ``fat.variables.Partition``. The loop owns what
+every method needs around its step:
+
+* sharding: state replicated and each batch split over ``jax.devices()``
+  (``fat.parallel``), the same code on one CPU or many accelerators;
+* the NaN guard's bookkeeping: the step reverts single bad updates; an epoch
+  in which every step was reverted is an error naming ``spec.knob``;
+* keep-best and patience: with ``spec.score`` (variables -> a loss, lower is
+  better), the variables are scored at the start, every ``spec.select_every``
+  steps (0: at each epoch end) and at the end; the best ones are returned,
+  and with ``spec.patience`` > 0 training stops after that many scores in a
+  row without a new best;
+* logging: the loss every ``spec.log_every`` steps (and at scores and the
+  end) to the metric writer and the returned curve, with a progress bar.
+
+The failed-step count lives on the device and is read once per epoch, so the
+loop does not wait on the device at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from fat import parallel
+from fat.variables import Partition
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopSpec:
+  """How long and how one method trains.
+
+  Attributes:
+    name: the method, for the progress bar and metric names (``<tag>/<name>_loss``).
+    tag: the setting, prefix of the metric names.
+    steps_per_epoch: steps in one pass over the training images.
+    epochs: passes to run (fewer with early stopping).
+    train_images: images per epoch, for the stats.
+    knob: the config field to name when an epoch is all non-finite steps.
+    log_every: log the loss every this many steps.
+    score: ``variables -> float`` for keep-best (None: return the last variables).
+    select_every: score every this many steps (0: at each epoch end).
+    patience: stop after this many scores without a new best (0: never).
+  """
+
+  name: str
+  tag: str
+  steps_per_epoch: int
+  epochs: int
+  train_images: int
+  knob: str
+  log_every: int = 20
+  score: Callable[[dict], float] | None = None
+  select_every: int = 0
+  patience: int = 0
+
+  def __post_init__(self):
+    for field in ("steps_per_epoch", "epochs", "log_every"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"LoopSpec.{field} must be >= 1, got {getattr(self, field)}.")
+    if self.patience and self.score is None:
+      raise ValueError("LoopSpec.patience needs a score (early stopping compares scores).")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+  variables: dict                     # all collections, trained ones updated
+  losses: list[tuple[int, float]]     # (step, training loss)
+  stats: dict                         # for the report (see ``train``)
+
+
+def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: str) -> int:
+  """The NaN guard reverts single bad steps; an epoch of only bad steps is an error."""
+  if skipped == steps:
+    raise FloatingPointError(
+        f"{what}: every step of epoch {epoch + 1} gave a non-finite loss, variables or "
+        f"optimizer state, so nothing was trained; lower {knob} or check the float "
+        "checkpoint.")
+  return skipped
+
+
+def train(step, part: Partition, opt_state, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+          spec: LoopSpec, writer=None) -> LoopResult:
+  """Runs ``step`` over ``batches`` (``(x, target)`` pairs, ``spec.epochs`` passes).
+
+  Returns the trained variables, the logged losses, and stats:
+  ``train_seconds``, ``train_images``, ``epochs`` (run, to 2 decimals),
+  ``steps``, ``nonfinite_steps``; with a score also
+  ``calibration_loss_by_step`` ([step, score], step 0 before training) and
+  ``kept_step``.
+  """
+  mesh = parallel.data_mesh()
+  trainable, frozen = parallel.replicate((part.trainable, part.frozen), mesh)
+  opt_state = parallel.replicate(opt_state, mesh)
+  spe, total = spec.steps_per_epoch, spec.steps_per_epoch * spec.epochs
+  what = f"{spec.name.upper()} {spec.tag}"
+  select, every = spec.score is not None, spec.select_every or spec.steps_per_epoch
+  scores = [(0, spec.score(part.merged()))] if select else []
+  best, since_best = part.trainable, 0  # best: unreplicated
+  losses, nonfinite, i, t0 = [], 0, 0, time.time()
+  skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
+  for i, (x, target) in enumerate(tqdm(batches, total=total, desc=what, leave=False), 1):
+    trainable, opt_state, m = step(trainable, opt_state, frozen, parallel.shard_batch(x, mesh),
+                                   parallel.shard_batch(target, mesh))
+    skipped = skipped + (~m["finite"]).astype(jnp.int32)
+    scoring = select and (i % every == 0 or i == total)
+    if i % spec.log_every == 0 or i == total or scoring:
+      losses.append((i, float(m["loss"])))
+      if writer is not None:
+        writer.write_scalars(i, {f"{spec.tag}/{spec.name}_loss": losses[-1][1]})
+    if i % spe == 0:
+      nonfinite += check_finite_epoch(int(skipped), spe, what, i // spe - 1, spec.knob)
+      skipped = jnp.zeros((), jnp.int32)
+    if scoring:
+      current = parallel.unreplicate(trainable)
+      scores.append((i, spec.score(part.with_trainable(current).merged())))
+      improved = scores[-1][1] < min(s for _, s in scores[:-1])
+      best, since_best = (current, 0) if improved else (best, since_best + 1)
+      if spec.patience and since_best >= spec.patience:
+        break
+    if i == total:
+      break
+  jax.block_until_ready(trainable)
+  nonfinite += int(skipped)  # steps of an epoch cut short by early stopping
+  stats = {"train_seconds": time.time() - t0, "train_images": spec.train_images,
+           "epochs": round(i / spe, 2), "steps": i, "nonfinite_steps": nonfinite}
+  if select:
+    stats["calibration_loss_by_step"] = scores
+    stats["kept_step"] = min(scores, key=lambda p: p[1])[0]
+  kept = best if select else parallel.unreplicate(trainable)
+  return LoopResult(part.with_trainable(kept).merged(), losses, stats)

@@ -1,0 +1,40 @@
+"""Post-training quantization baselines: min/max, percentile and MSE thresholds.
+
+* ``ptq_minmax``: activation ranges are the min and max over the calibration
+  images; weight ranges the min and max of each (per-channel) kernel.
+* ``ptq_percentile``: activation ranges are the (100-p, p) percentiles
+  (``config.percentile``), averaged over calibration batches.
+* ``ptq_mse``: from min/max ranges, each quantizer's alpha is the value on a
+  grid over ``alpha_range`` with the least squared quantization error
+  (``fat.calibrate.mse_search``; weights per channel when per-channel).
+"""
+
+from __future__ import annotations
+
+from fat import calibrate
+from fat.methods.registry import PTQ, Context, Method, Result, register
+
+
+def _from_ranges(statistic: str):
+  def run(ctx: Context) -> Result:
+    return Result(calibrate.with_ranges(ctx.variables, ctx.act_ranges(statistic)))
+  return run
+
+
+def _mse(ctx: Context) -> Result:
+  start = calibrate.with_ranges(ctx.variables, ctx.act_ranges("minmax"))
+  batches, num = ctx.calibration_batches()
+  return Result(calibrate.mse_search(ctx.qmodel, start, batches, num_batches=num))
+
+
+def _check_percentile(config) -> None:
+  if not 50.0 < config.percentile <= 100.0:
+    raise ValueError(f"config.percentile must be in (50, 100], got {config.percentile}.")
+
+
+register(Method(name="ptq_minmax", kind=PTQ, order=0, run=_from_ranges("minmax"),
+                description="min/max ranges"))
+register(Method(name="ptq_percentile", kind=PTQ, order=1, run=_from_ranges("percentile"),
+                validate=_check_percentile, description="percentile ranges"))
+register(Method(name="ptq_mse", kind=PTQ, order=2, run=_mse,
+                description="alpha with the least quantization MSE, from min/max"))

@@ -1,0 +1,139 @@
+"""From a float model to a calibrated, fake-quantized one: the policy and the sequence.
+
+    rules = pipeline.setting_rules(pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8,
+                                                    per_channel=True))
+    p = pipeline.prepare(model, float_vars, rules, calib_images)
+    logits = p.qmodel.apply(p.variables, x)
+
+``prepare`` is fold BN (``fat.fold``) -> quantized model (``fat.calibrate.quantized``)
+-> initial quantizer variables -> activation ranges from calibration images.
+``quantize`` is its middle part, for callers that fold once and calibrate
+several settings (the main job shares ranges between settings).
+
+``setting_rules`` is the quantizer-rule policy of a setting: one weight spec
+and one activation spec everywhere, the network input symmetric in
+asymmetric settings, and optionally the first and last layers' weights at
+another width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import flax.linen as nn
+import numpy as np
+
+from fat import calibrate, fold, quant, rules
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setting:
+  """One quantization setting (a row group of the report).
+
+  ``first_last_bits`` > 0 keeps the stem's and classifier's weights at that
+  width; 0 quantizes them like the rest.
+  """
+
+  name: str
+  weight_bits: int
+  act_bits: int
+  per_channel: bool
+  weight_kind: str = "symmetric"
+  act_kind: str = "symmetric"
+  first_last_bits: int = 0
+
+  def __post_init__(self):
+    if self.weight_kind == "unsigned":
+      raise ValueError(f"setting {self.name!r}: weight_kind cannot be 'unsigned'; "
+                       "use 'symmetric' or 'asymmetric'.")
+
+
+def setting_rules(s: Setting, *, alpha_range=(0.5, 1.0),
+                  beta_range=(-0.2, 0.4)) -> tuple[rules.QuantRule, ...]:
+  """The quantizer rules of setting ``s`` (alpha/beta clip ranges as given)."""
+  ranges = dict(alpha_range=tuple(alpha_range), beta_range=tuple(beta_range))
+  weight = quant.QuantSpec(bits=s.weight_bits, kind=s.weight_kind, per_channel=s.per_channel,
+                           **ranges)
+  act = quant.QuantSpec(bits=s.act_bits, kind=s.act_kind, **ranges)
+  overrides = ()
+  if s.act_kind == "asymmetric":
+    # The network input has a fixed range, [-1, 1] for "keras" preprocessing. On
+    # an asymmetric grid its zero point, round(-127.5), puts every pixel value on
+    # a rounding tie (resolved differently by XLA, ONNX Runtime and the integer
+    # reference); the symmetric grid has none.
+    overrides = (rules.QuantRule(pattern=r"^input_q$",
+                                 act=dataclasses.replace(act, kind="symmetric")),)
+  if s.first_last_bits:
+    first_last = quant.QuantSpec(bits=s.first_last_bits, kind=s.weight_kind,
+                                 per_channel=s.per_channel, **ranges)
+    overrides += (rules.QuantRule(pattern=r"^(stem|classifier)(/|$)", weight=first_last),)
+  return rules.uniform_rules(weight=weight, act=act, overrides=overrides)
+
+
+def quantize(model: nn.Module, folded: dict, quant_rules, sample) -> tuple[nn.Module, dict]:
+  """``(qmodel, qvars)``: ``model`` in the "quant" stage with ``quant_rules``,
+  and its variables: the folded params, zero activation ranges, alpha = 1,
+  beta = 0. ``sample`` is one input batch (only its shape is used)."""
+  qmodel = calibrate.quantized(model, quant_rules)
+  return qmodel, calibrate.init_quant_variables(qmodel, folded["params"], sample)
+
+
+def _batches(images, batch_size: int) -> tuple[Iterable, int]:
+  """(batches, count) of a ``fat.data.Split``-like object or an image array."""
+  if hasattr(images, "batches"):
+    n = len(images)
+    return (x for x, _ in images.batches(batch_size)), -(-n // batch_size)
+  images = np.asarray(images)
+  return ((images[i:i + batch_size] for i in range(0, len(images), batch_size)),
+          -(-len(images) // batch_size))
+
+
+def first_batch(images, n: int = 1) -> np.ndarray:
+  """The first ``n`` images of a split or an image array."""
+  if hasattr(images, "batches"):
+    return next(images.batches(n))[0]
+  return np.asarray(images)[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What ``prepare`` returns: the quantized model and its variables, and the
+  folded float model and its variables (the distillation teacher)."""
+
+  qmodel: nn.Module
+  variables: dict
+  folded: dict
+
+  @property
+  def fmodel(self) -> nn.Module:
+    """The folded, unquantized model (``folded`` are its variables)."""
+    return calibrate.quantized(self.qmodel, (), stage="folded")
+
+
+def prepare(model: nn.Module, float_vars: dict, quant_rules, images, *,
+            calibration: str = "minmax", percentile: float = 99.99,
+            batch_size: int = 128, progress: bool = False) -> Prepared:
+  """fold -> quantized model -> initial variables -> activation ranges.
+
+  ``model`` is the float (BatchNorm) model and ``float_vars`` its variables
+  (``params`` and ``batch_stats``); ``images`` are the calibration images, a
+  ``fat.data.Split`` or an array (NHWC). ``calibration`` is "minmax" or
+  "percentile" (``fat.calibrate.activation_ranges``).
+  """
+  folded = fold.fold_variables(float_vars, model.bn_eps)
+  qmodel, qvars = quantize(model, folded, quant_rules, first_batch(images))
+  batches, num = _batches(images, batch_size)
+  qvars = calibrate.calibrate(qmodel, qvars, batches, method=calibration, percentile=percentile,
+                              num_batches=num, progress=progress)
+  return Prepared(qmodel=qmodel, variables=qvars, folded=folded)
+
+
+def config_rules(setting, fat) -> tuple[rules.QuantRule, ...]:
+  """``setting_rules`` of a setting and FAT section given as mappings: an
+  ml_collections config's (``config.settings[i]``, ``config.fat``) or the
+  ones a checkpoint's meta.json records."""
+  as_dict = lambda m: m.to_dict() if hasattr(m, "to_dict") else dict(m)
+  fat = as_dict(fat)
+  return setting_rules(Setting(**as_dict(setting)), alpha_range=tuple(fat["alpha_range"]),
+                       beta_range=tuple(fat["beta_range"]))

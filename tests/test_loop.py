@@ -1,0 +1,113 @@
+"""The generic training loop (fat.loop): keep-best, patience, the NaN guard's
+epoch check, logging and sharding, on a toy step (no model)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fat import loop, steps, variables
+
+
+def toy_step(lr=0.1):
+  """A guarded SGD step on ``loss = mean((w * x - target)^2)``."""
+  tx = optax.sgd(lr)
+  def loss_fn(trainable, frozen, x, target):
+    pred = trainable["w"]["v"] * x + frozen["b"]["v"]
+    return jnp.mean((pred - target) ** 2), {}
+  return tx, steps._make_guarded_step(loss_fn, tx, lambda t, _: t)
+
+
+def toy_batches(n_steps, target=2.0, nan_at=()):
+  for i in range(n_steps):
+    x = np.ones((4, 3), np.float32)
+    t = np.full((4, 3), np.nan if i in nan_at else target, np.float32)
+    yield x, t
+
+
+def part():
+  return variables.Partition(trainable={"w": {"v": jnp.zeros(3)}},
+                             frozen={"b": {"v": jnp.zeros(3)}})
+
+
+def spec(**kw):
+  base = dict(name="toy", tag="t", steps_per_epoch=2, epochs=4, train_images=8,
+              knob="config.toy.learning_rate", log_every=100)
+  return loop.LoopSpec(**{**base, **kw})
+
+
+def test_without_score_returns_the_last_variables_and_stats():
+  tx, step = toy_step()
+  p = part()
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(8), spec())
+  # The mean over 4 rows x 3 weights gives dL/dw = (2/3) (w - 2): 8 SGD steps at
+  # lr 0.1 from 0 leave w = 2 (1 - r^8), r = 1 - 0.1 * 2/3.
+  r = 1 - 0.1 * 2 / 3
+  np.testing.assert_allclose(out.variables["w"]["v"], 2 * (1 - r ** 8) * np.ones(3), rtol=1e-5)
+  np.testing.assert_array_equal(out.variables["b"]["v"], np.zeros(3))
+  assert out.stats["steps"] == 8 and out.stats["epochs"] == 4.0
+  assert out.stats["train_images"] == 8 and out.stats["nonfinite_steps"] == 0
+  assert "kept_step" not in out.stats
+  assert [s for s, _ in out.losses] == [8]  # log_every 100: only the last step
+  assert out.losses[0][1] == pytest.approx(4 * r ** 14, rel=1e-4)  # loss at step 8's start
+
+
+def test_keep_best_and_patience():
+  """Scores at steps 0, 1, 2, ...: a new best at step 2, then two worse ones
+  stop training (patience 2); the variables scored best come back."""
+  tx, step = toy_step()
+  fake = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
+  seen = []
+
+  def score(v):
+    seen.append(np.asarray(v["w"]["v"]))
+    return next(fake)
+
+  p = part()
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(8),
+                   spec(score=score, select_every=1, patience=2, log_every=1))
+  assert out.stats["steps"] == 4 and out.stats["kept_step"] == 2
+  assert out.stats["epochs"] == 2.0  # of the 4 configured: 2 steps an epoch
+  assert [s for s, _ in out.stats["calibration_loss_by_step"]] == [0, 1, 2, 3, 4]
+  assert out.losses[-1][0] == 4  # the curve ends where training stopped
+  np.testing.assert_array_equal(out.variables["w"]["v"], seen[2])
+  assert not np.array_equal(seen[2], seen[4])
+  fake = iter([1.0, 0.9, 0.8, 0.85, 0.95, 0.5, 0.4, 0.3, 0.2])
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(8),
+                   spec(score=score, select_every=1, patience=0))
+  assert out.stats["steps"] == 8 and out.stats["kept_step"] == 8
+  # select_every 0 scores at epoch ends only.
+  fake = iter([1.0, 0.5, 0.6, 0.7, 0.8])
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(8), spec(score=score))
+  assert [s for s, _ in out.stats["calibration_loss_by_step"]] == [0, 2, 4, 6, 8]
+  assert out.stats["kept_step"] == 2
+
+
+def test_nan_guard_counts_bad_steps_and_an_all_bad_epoch_is_an_error():
+  tx, step = toy_step()
+  p = part()
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(8, nan_at=(3,)), spec())
+  assert out.stats["nonfinite_steps"] == 1 and out.stats["steps"] == 8
+  assert np.all(np.isfinite(out.variables["w"]["v"]))
+  with pytest.raises(FloatingPointError,
+                     match=r"TOY t: every step of epoch 2 gave a non-finite .* lower "
+                           r"config\.toy\.learning_rate"):
+    loop.train(step, p, tx.init(p.trainable), toy_batches(8, nan_at=(2, 3)), spec())
+
+
+def test_returns_unreplicated_variables_that_reuse_compiled_functions():
+  tx, step = toy_step()
+  p = part()
+  out = loop.train(step, p, tx.init(p.trainable), toy_batches(2), spec(epochs=1))
+  f = jax.jit(lambda v: v["w"]["v"] * 2)
+  f(p.merged())
+  f(out.variables)
+  assert f._cache_size() == 1
+
+
+def test_spec_rejects_bad_values():
+  with pytest.raises(ValueError, match="steps_per_epoch must be >= 1"):
+    spec(steps_per_epoch=0)
+  with pytest.raises(ValueError, match="patience needs a score"):
+    spec(patience=2)
