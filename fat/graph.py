@@ -43,11 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fat.errors import ExportError  # noqa: F401  (callers also catch it as graph.ExportError)
 from fat.layers import GRID_COLLECTION, ActQuant, Dense
-
-
-class ExportError(ValueError):
-  """The quantized model has something the integer graph cannot represent."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,14 @@
-"""Session-wide test settings, applied before any test module imports a library,
-and the tiny float checkpoint the main-job test files share."""
+"""Session-wide test settings, applied before any test module imports a library;
+the helpers and fixtures that several test files share.
 
+Tiers: ``pytest -m "not slow"`` is the fast tier; the slow tier (``@pytest.mark.slow``)
+runs jobs end to end. ``pytest tests`` runs both.
+"""
+
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,18 +16,222 @@ import pytest
 # TensorFlow-based test modules collected earlier could otherwise import Keras
 # with its TensorFlow default first.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# A persistent JAX compilation cache shared by both test workers and every
+# subprocess a test starts (they inherit the environment): a program compiled
+# once is read back elsewhere instead of compiled again.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402  (after the environment above)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+# --------------------------------------------------------------------------
+# Subprocesses: the entry points as a user runs them.
+# --------------------------------------------------------------------------
+
+
+def run_module(module, *args, env=None, timeout=600):
+  """``python -m module args`` from the repo root on the CPU."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(*args, env=None, timeout=300):
+  """``python -m experiments.main args``."""
+  return run_module("experiments.main", *args, env=env, timeout=timeout)
+
+
+# --------------------------------------------------------------------------
+# The end-to-end fixtures: a tiny float checkpoint and one smoke run of the
+# main job, both once per test process (the files that use them are slow).
+# --------------------------------------------------------------------------
+
+# The smoke run: configs/default.py:smoke with the full-QAT baseline added, so
+# that every built-in method runs end to end. SMOKE_FLAGS says the same on a
+# command line (the cross-process determinism test reruns it).
+SMOKE_QAT = {"methods": ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat", "qat"),
+             "qat.train_fraction": 0.004, "qat.batch_size": 32}
+
+
+def smoke_config(ckpt):
+  from configs import default
+  config = default.get_config("smoke")
+  config.model_checkpoint = ckpt
+  config.methods = SMOKE_QAT["methods"]
+  config.qat.train_fraction = SMOKE_QAT["qat.train_fraction"]
+  config.qat.batch_size = SMOKE_QAT["qat.batch_size"]
+  return config
+
+
+def smoke_flags(ckpt):
+  methods = "(" + ",".join(f"'{m}'" for m in SMOKE_QAT["methods"]) + ")"
+  return ["--config=configs/default.py:smoke", f"--config.model_checkpoint={ckpt}",
+          f"--config.methods={methods}",
+          f"--config.qat.train_fraction={SMOKE_QAT['qat.train_fraction']}",
+          f"--config.qat.batch_size={SMOKE_QAT['qat.batch_size']}"]
 
 
 @pytest.fixture(scope="session")
 def float_ckpt(tmp_path_factory):
-  """A tiny float MobileNet-v2 trained for a few steps by the float job's smoke config
-  (once per test process)."""
+  """A tiny float MobileNet-v2 trained for a few steps by the float job's smoke config."""
   from configs.fashion_mnist import mobilenet_v2_fp
   from experiments.train_float import train_float
   root = tmp_path_factory.mktemp("float")
   config = mobilenet_v2_fp.get_config("smoke")
   config.output = str(root / "ckpt")
   meta = train_float(config, str(root / "work"))
-  assert meta["model_kwargs"]["width"] == 0.35
-  assert 0.0 <= meta["top1_pct"] <= 100.0
+  assert meta["model_kwargs"]["width"] == 0.35 and meta["epochs"] == 1
   return config.output
+
+
+@pytest.fixture(scope="session")
+def smoke_run(float_ckpt, tmp_path_factory):
+  """(workdir, report) of one in-process smoke run of the main job."""
+  from experiments.train import train_and_evaluate
+  workdir = str(tmp_path_factory.mktemp("main"))
+  report = train_and_evaluate(smoke_config(float_ckpt), workdir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    assert json.load(f)["settings"][0]["name"] == report["settings"][0]["name"]
+  return workdir, report
+
+
+# --------------------------------------------------------------------------
+# Independent references of the quantizer (METHOD.md section 1), shared by
+# the quantizer, layer and step tests.
+# --------------------------------------------------------------------------
+
+KINDS = ("symmetric", "unsigned", "asymmetric")
+TINY = 1e-12
+
+
+# --------------------------------------------------------------------------
+# Independent references.
+# --------------------------------------------------------------------------
+
+
+def qrange(kind, bits):
+  if kind == "symmetric":
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+  return 0, 2 ** bits - 1
+
+
+def bshape(p, ndim, spec, xp=np):
+  """Per-channel parameter (C,) -> broadcastable against an ndim input."""
+  p = xp.asarray(p)
+  if not spec.per_channel:
+    return p
+  shape = [1] * ndim
+  shape[spec.axis % ndim] = -1
+  return p.reshape(shape)
+
+
+def np_params(x, spec):
+  """float64 calibration thresholds (t_min, t_max)."""
+  x = np.asarray(x, np.float64)
+  axes = tuple(a for a in range(x.ndim)
+               if not (spec.per_channel and a == spec.axis % x.ndim))
+  if spec.kind == "symmetric":
+    t_max = np.abs(x).max(axis=axes)
+    return -t_max, t_max
+  if spec.kind == "unsigned":
+    t_max = np.maximum(x.max(axis=axes), 0.0)
+    return np.zeros_like(t_max), t_max
+  return np.minimum(x.min(axis=axes), 0.0), np.maximum(x.max(axis=axes), 0.0)
+
+
+def np_grid(spec, ndim, t_min, t_max, alpha, beta):
+  """float64 scale s and zero point z, broadcastable against the input."""
+  b = lambda p: bshape(np.asarray(p, np.float64), ndim, spec)
+  qmin, qmax = qrange(spec.kind, spec.bits)
+  a = np.clip(b(alpha), *spec.alpha_range)
+  if spec.kind == "asymmetric":
+    r = b(t_max) - b(t_min)
+    s = qmax / np.maximum(a * r, TINY)
+    z = np.round((b(t_min) + np.clip(b(beta), *spec.beta_range) * r) * s)
+  else:
+    s = qmax / np.maximum(a * b(t_max), TINY)
+    z = np.zeros_like(s)
+  return s, z
+
+
+def np_fake_quant(x, spec, t_min, t_max, alpha, beta):
+  """float64 integer-grid forward; returns (y, q, s, z)."""
+  x = np.asarray(x, np.float64)
+  qmin, qmax = qrange(spec.kind, spec.bits)
+  s, z = np_grid(spec, x.ndim, t_min, t_max, alpha, beta)
+  q = np.clip(np.round(x * s) - z, qmin, qmax)
+  return (q + z) / s, q, s, z
+
+
+def near_tie(u, tol=1e-4):
+  """Where float32 and float64 may legitimately round u differently."""
+  return np.abs(np.abs(u - np.floor(u)) - 0.5) < tol
+
+
+def ambiguous(x, spec, t_min, t_max, alpha, beta):
+  """Elements whose round(x*s) or channel's round(T_l*s) is a near-tie."""
+  x = np.asarray(x, np.float64)
+  s, z = np_grid(spec, x.ndim, t_min, t_max, alpha, beta)
+  amb = near_tie(x * s)
+  if spec.kind == "asymmetric":
+    b = lambda p: bshape(np.asarray(p, np.float64), x.ndim, spec)
+    r = b(t_max) - b(t_min)
+    t_low = b(t_min) + np.clip(b(beta), *spec.beta_range) * r
+    amb = amb | near_tie(t_low * s)
+  return np.broadcast_to(amb, x.shape)
+
+
+def ste_round(u):
+  return u + jax.lax.stop_gradient(jnp.round(u) - u)
+
+
+def ste_clip(v, lo, hi):
+  return jnp.where((v >= lo) & (v <= hi), v,
+                   jax.lax.stop_gradient(jnp.clip(v, lo, hi)))
+
+
+def ste_fake_quant(x, alpha, beta, t_min, t_max, spec):
+  """jnp forward whose autodiff is the STE gradient of METHOD.md."""
+  b = lambda p: bshape(jnp.asarray(p, jnp.float32), x.ndim, spec, jnp)
+  qmin, qmax = qrange(spec.kind, spec.bits)
+  a = ste_clip(b(alpha), *spec.alpha_range)
+  if spec.kind == "asymmetric":
+    r = b(t_max) - b(t_min)
+    s = qmax / jnp.maximum(a * r, TINY)
+    z = ste_round((b(t_min) + ste_clip(b(beta), *spec.beta_range) * r) * s)
+  else:
+    s = qmax / jnp.maximum(a * b(t_max), TINY)
+    z = 0.0
+  v = ste_round(x * s) - z
+  return (ste_clip(v, qmin, qmax) + z) / s
+
+
+# --------------------------------------------------------------------------
+# Data helpers.
+# --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# A fake ImageNet image folder.
+# --------------------------------------------------------------------------
+
+CLASSES = ("n01440764", "n01443537", "n01484850")
+SIZES = ((40, 60), (64, 48), (33, 33), (50, 70))
+
+
+def write_image_folder(root, split_dirs=("train", "validation"), per_class=2, seed=0):
+  """root/<split>/<class>/<k>.JPEG with random content and sizes."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  for split in split_dirs:
+    for c, cls in enumerate(CLASSES):
+      os.makedirs(os.path.join(root, split, cls))
+      for k in range(per_class):
+        h, w = SIZES[(c + k) % len(SIZES)]
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        tf.io.write_file(os.path.join(root, split, cls, f"{k}.JPEG"), tf.io.encode_jpeg(img))
+  return str(root)

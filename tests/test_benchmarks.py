@@ -18,6 +18,7 @@ SCRIPTS = ("depthwise_speed", "fat_step_profile", "fat_vs_qat", "float_step_spee
            "threshold_stats")
 
 
+@pytest.mark.slow
 def test_benchmarks_import():
   procs = [subprocess.run([sys.executable, "-c", f"import benchmarks.{name}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300) for name in SCRIPTS]
@@ -25,6 +26,7 @@ def test_benchmarks_import():
     assert r.returncode == 0, (name, r.stderr[-2000:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [
     ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
     ("--seeds=0,x", "--seeds must be comma-separated integers"),
@@ -36,6 +38,7 @@ def test_seed_spread_rejects_bad_flags(tmp_path, flag, message):
   assert not os.listdir(tmp_path)  # rejected before any run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [
     ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
     ("--learning_rates=1e-3,x", "--learning_rates must be comma-separated numbers"),
@@ -50,6 +53,7 @@ def test_lr_sweep_rejects_bad_flags(tmp_path, flag, message):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
   cmd = [sys.executable, "-m", "benchmarks.onnx_latency", f"--workdir={tmp_path}",
          "--setting=w8"]
@@ -65,6 +69,7 @@ def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [
     ("--checkpoint=/nonexistent/ckpt", "no checkpoint at '/nonexistent/ckpt'"),
     ("--max_seconds=0", "--max_seconds must be positive"),
@@ -75,6 +80,7 @@ def test_fat_vs_qat_rejects_bad_input(flag, message):
   assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_seed_spread_reuse_reads_finished_runs(tmp_path):
   """With --reuse a seed whose folder holds a finished run of the same config is read,
   not run (a run would fail here: the config names no float checkpoint)."""

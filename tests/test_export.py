@@ -17,8 +17,10 @@ import numpy as np
 import onnx
 import pytest
 
-from fat import calibrate, export_onnx, fold, graph, integer, models, quant, rules, runtime
-from fat.graph import ExportError
+from fat import (calibrate, export_onnx, fold, graph, integer, models, pipeline, quant, rules,
+                 runtime)
+from fat import variables as fat_variables
+from fat.errors import ExportError
 from fat.layers import ActQuant
 from fat.models import blocks
 
@@ -45,13 +47,11 @@ def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0, kind="
   rng = np.random.default_rng(seed)
   stats = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, np.shape(a)),
                        v["batch_stats"])
-  folded = fold.fold_variables({**v, "batch_stats": stats}, model.bn_eps)
   r = rules.uniform_rules(
       weight=quant.QuantSpec(bits=weight_bits, per_channel=per_channel, kind=kind),
       act=quant.QuantSpec(bits=act_bits, kind=kind))
-  qmodel = calibrate.quantized(model, r)
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
-  qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+  p = pipeline.prepare(model, {**v, "batch_stats": stats}, r, x, batch_size=len(x))
+  qmodel, qvars = p.qmodel, p.variables
   if not perturb:
     return qmodel, qvars
   # Trained-looking thresholds: alpha in [0.6, 1] (beta is unused by symmetric specs).
@@ -61,7 +61,9 @@ def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0, kind="
                   "thresholds": jax.tree_util.tree_map_with_path(alpha, qvars["thresholds"])}
 
 
-@pytest.fixture(scope="module", params=["mobilenet_v2", "mnasnet"])
+# MNASNet's network-level checks run in the slow tier; MobileNet-v2's in both.
+@pytest.fixture(scope="module",
+                params=["mobilenet_v2", pytest.param("mnasnet", marks=pytest.mark.slow)])
 def traced(request):
   qmodel, qvars = _quantized(request.param)
   x = _images(32, 1)
@@ -138,9 +140,8 @@ def test_trace_refuses_unquantized_layers():
   v = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
   folded = fold.fold_variables(v, model.bn_eps)
   # Weights quantized, activations not: nothing an int8 runtime can run.
-  qmodel = calibrate.quantized(model, rules.uniform_rules(weight=quant.QuantSpec(bits=8),
-                                                          act=None))
-  qvars = calibrate.init_quant_variables(qmodel, folded["params"], x)
+  qmodel, qvars = pipeline.quantize(
+      model, folded, rules.uniform_rules(weight=quant.QuantSpec(bits=8), act=None), x)
   with pytest.raises(ExportError, match="no quantizer"):
     graph.trace(qmodel, qvars, x)
   with pytest.raises(ExportError, match="'quant' stage"):
@@ -305,6 +306,7 @@ def test_onnx_export_runs_int8_in_ort(traced, tmp_path):
                              atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_export_refuses_non_8_bit():
   """4-bit weights (4-bit activation grids: test_storage_types)."""
   qmodel, qvars = _quantized("mobilenet_v2", weight_bits=4, act_bits=8)
@@ -325,6 +327,7 @@ def test_storage_types():
       export_onnx.storage(bad, "x")
 
 
+@pytest.mark.slow
 def test_asymmetric_export_runs_in_ort(tmp_path):
   """Asymmetric (uint8) weights per channel and asymmetric activations, calibrated:
   every grid holds 0, so every layer exports, also depthwise filters whose taps
@@ -385,10 +388,9 @@ def test_every_product_asks_for_float32(impl):
   qmodel = calibrate.quantized(model, rules.uniform_rules(weight=quant.QuantSpec(bits=8),
                                                           act=quant.QuantSpec(bits=8)))
   qvars = jax.eval_shape(lambda: calibrate.init_quant_variables(qmodel, folded["params"], x))
-  loss = lambda t, rest: qmodel.apply({**rest, "thresholds": t}, x).sum()
-  rest = {k: a for k, a in qvars.items() if k != "thresholds"}
-  jaxprs = [jax.make_jaxpr(qmodel.apply)(qvars, x),
-            jax.make_jaxpr(jax.grad(loss))(qvars["thresholds"], rest)]
+  part = fat_variables.partition(qvars)
+  loss = lambda t: qmodel.apply(part.with_trainable(t).merged(), x).sum()
+  jaxprs = [jax.make_jaxpr(qmodel.apply)(qvars, x), jax.make_jaxpr(jax.grad(loss))(part.trainable)]
   seen = []
 
   def walk(jaxpr):

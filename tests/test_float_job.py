@@ -7,7 +7,9 @@ import pytest
 
 from configs.fashion_mnist import mobilenet_v2_fp
 from experiments.train_float import train_float
-from tests.test_main_smoke import run_main
+from conftest import run_main
+
+pytestmark = pytest.mark.slow  # subprocesses and whole-network training
 
 
 def test_unknown_model_exits_2_with_message(tmp_path):

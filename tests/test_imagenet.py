@@ -9,21 +9,7 @@ import tensorflow_datasets as tfds
 
 from fat import data, imagenet
 
-CLASSES = ("n01440764", "n01443537", "n01484850")
-SIZES = ((40, 60), (64, 48), (33, 33), (50, 70))
-
-
-def write_image_folder(root, split_dirs=("train", "validation"), per_class=2, seed=0):
-  """root/<split>/<class>/<k>.JPEG with random content and sizes."""
-  rng = np.random.default_rng(seed)
-  for split in split_dirs:
-    for c, cls in enumerate(CLASSES):
-      os.makedirs(os.path.join(root, split, cls))
-      for k in range(per_class):
-        h, w = SIZES[(c + k) % len(SIZES)]
-        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        tf.io.write_file(os.path.join(root, split, cls, f"{k}.JPEG"), tf.io.encode_jpeg(img))
-  return str(root)
+from conftest import CLASSES, SIZES, write_image_folder  # noqa: F401
 
 
 def bounds(p: imagenet.Preprocess):

@@ -1,7 +1,6 @@
-"""The method registry (fat.methods): lookup, run order, config checks, and a
-toy method added in one file that reaches the report without editing the main job."""
-
-import json
+"""The method registry (fat.methods): lookup, run order, config checks, and what
+each built-in method asks of the loop (the toy method added in one file that
+reaches the report: tests/test_main_smoke.py)."""
 
 import pytest
 
@@ -55,99 +54,91 @@ def test_selected_methods_validate_their_own_fields():
     config_checks.validate(c)
 
 
-def test_toy_method_reaches_the_report(float_ckpt, tmp_path):
-  """tests/toy_method.py registers PTQ with alpha = 0.9; a config naming it runs
-  it through the unchanged main job, and the report, its markdown and FAT's
-  choice of start see it."""
-  from tests import toy_method
-  from experiments.train import train_and_evaluate
-  config = default.get_config("smoke")
-  config.model_checkpoint = float_ckpt
-  config.settings = config.settings[:1]
-  config.methods = ("ptq_minmax", "ptq_alpha09", "fat")
-  config.eval_examples = 100
-  config.fat.epochs = 1
-  try:
-    report = train_and_evaluate(config, str(tmp_path))
-  finally:
-    methods.unregister(toy_method.METHOD.name)
-  entry = report["settings"][0]
-  assert list(entry["methods"]) == ["ptq_minmax", "ptq_alpha09", "fat"]
-  toy = entry["methods"]["ptq_alpha09"]
-  assert toy["mean_alpha"] == pytest.approx(0.9) and set(toy["vs_fat"]) == {"fat_only_correct",
-                                                       "method_only_correct", "p_value"}
-  assert entry["best_ptq"] == "ptq_alpha09"  # the only PTQ method besides min/max
-  assert entry["methods"]["fat"]["init"] in ("ptq_minmax", "ptq_alpha09")
-  on_disk = json.load(open(tmp_path / "report.json"))
-  assert on_disk["settings"][0]["methods"]["ptq_alpha09"]["top1_pct"] == toy["top1_pct"]
-  assert "| ptq_alpha09" in (tmp_path / "report.md").read_text().replace("**", "")
-
-
 @pytest.fixture(scope="module")
 def tiny():
-  """A tiny float MobileNet-v2 (random weights) on random 16 px images, and a
-  ``Context`` factory for one W8A8 setting: each built-in method runs on it."""
+  """A ``Context`` factory for one W8A8 setting of a tiny MobileNet-v2 (random
+  weights, random 16 px images). No test here compiles the network: the
+  distillation score is a stub, and ``fat.loop.train`` is replaced by one that
+  records what the method asks of it (the loop has its own tests, and the
+  end-to-end runs compile everything)."""
   import jax
-  import ml_collections
   import numpy as np
-  from fat import calibrate, data, evaluate, models, pipeline, steps
+  from fat import calibrate, data, models, pipeline
   model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
   rng = np.random.default_rng(0)
   split = data.Split(rng.integers(0, 256, (64, 16, 16, 1), dtype=np.uint8),
                      rng.integers(0, 10, 64))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), data.normalize(split.images[:1]))
-  config = default.get_config("smoke")
-  config.calibration_images, config.calibration_batch_size = 32, 16
-  config.fat.batch_size, config.qat.batch_size, config.log_every = 16, 16, 1
-  config.qat.train_fraction = 1.0
+  x = data.normalize(split.images[:1])
   s = pipeline.Setting(name="w8a8", weight_bits=8, act_bits=8, per_channel=True)
-  p = pipeline.prepare(model, variables, pipeline.setting_rules(s), split.head(32))
-  qmodel = p.qmodel
-  ranges = calibrate.SharedRanges(p.folded["params"], split.head(32), batch_size=16)
-  teacher = evaluate.logits(jax.jit(p.fmodel.apply), p.folded, split, 64)
-  apply = jax.jit(qmodel.apply)
+  qmodel = calibrate.quantized(model, pipeline.setting_rules(s))
+  shapes = jax.eval_shape(qmodel.init, jax.random.PRNGKey(0), x)["params"]
+  folded = {"params": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)}
+  config = default.get_config("smoke")
+  config.fat.batch_size, config.qat.batch_size, config.qat.train_fraction = 16, 16, 1.0
 
-  def make(cfg=config, teacher=teacher):
-    distill = lambda v: float(steps.distillation_loss(
-        evaluate.logits(apply, v, split.head(32), 16), teacher[:32]))
-    qvars = pipeline.quantize(model, p.folded, qmodel.mode.rules, split.images[:1] / 1.0)[1]
+  def make(cfg=config, losses=None):
+    qmodel, qvars = pipeline.quantize(model, folded, pipeline.setting_rules(s), x)
+    losses = dict(losses or {})
     return methods.Context(config=cfg, setting=s, qmodel=qmodel, variables=qvars,
-                           calib=split.head(32), unlabeled=split, train=split, teacher=teacher,
-                           act_ranges=lambda m: ranges(qmodel, m), distill=distill, results={})
+                           calib=split.head(32), unlabeled=split, train=split,
+                           teacher=np.zeros((64, 10), np.float32),
+                           act_ranges=lambda m: {}, distill=lambda v: losses[id(v)],
+                           results={})
   return config, make
 
 
-def test_each_method_runs_on_a_context(tiny):
+@pytest.fixture
+def recorded(monkeypatch):
+  """``fat.loop.train`` replaced: records (spec, first batch) and returns the
+  start variables with fixed stats."""
+  from fat import loop
+  calls = []
+
+  def fake_train(step, part, opt_state, batches, spec, writer=None):
+    calls.append((spec, next(iter(batches)), part))
+    return loop.LoopResult(part.merged(), [(1, 0.5)], {"steps": 1})
+  monkeypatch.setattr(loop, "train", fake_train)
+  return calls
+
+
+def test_fat_starts_from_the_ptq_result_with_the_lowest_loss(tiny, recorded):
   config, make = tiny
   ctx = make()
-  for name in methods.ordered(methods.names()):
-    result = methods.get(name).run(ctx)
-    ctx.results[name] = result.variables
-  minmax = ctx.results["ptq_minmax"]["quant_stats"]["stem"]["act_q"]
-  assert float(minmax["x_max"]) > 0 and float(minmax["x_min"]) <= 0
-  fat = methods.get("fat").run(ctx)
-  assert fat.stats["init"] in ("ptq_minmax", "ptq_percentile", "ptq_mse")
-  assert fat.stats["steps"] == 4 and fat.stats["train_images"] == 64  # 64 / 16, one epoch
-  assert [s for s, _ in fat.losses][-1] == fat.stats["steps"]
-  qat = methods.get("qat").run(ctx)
-  assert qat.stats["steps"] == 4 and qat.stats["epochs"] == 1.0
+  a, b = ctx.variables, {**ctx.variables}
+  ctx = make(losses={id(a): 0.7, id(b): 0.3})
+  ctx.results.update(ptq_minmax=a, ptq_mse=b)
+  result = methods.get("fat").run(ctx)
+  spec, (x, target), part = recorded[0]
+  assert result.stats == {"steps": 1, "init": "ptq_mse"} and result.losses == [(1, 0.5)]
+  assert part.trainable["thresholds"] is b["thresholds"]  # only the thresholds train
+  assert (spec.name, spec.tag, spec.knob) == ("fat", "w8a8", "config.fat.learning_rate")
+  assert spec.steps_per_epoch == 4 and spec.train_images == 64  # 64 images, batch 16
+  assert spec.score is ctx.distill and spec.patience == config.fat.patience
+  assert x.shape == (16, 16, 16, 1) and target.shape == (16, 10)  # teacher rows
+  config.fat.keep_best, config.fat.patience = False, 0
+  methods.get("fat").run(ctx)
+  assert recorded[1][0].score is None  # no keep-best: the last thresholds
 
 
-def test_all_nan_epoch_names_the_methods_knob(tiny):
-  import numpy as np
+def test_qat_trains_params_and_thresholds_on_labels(tiny, recorded):
   config, make = tiny
-  ctx = make(teacher=np.full((64, 10), np.nan, np.float32))
-  ctx.results["ptq_minmax"] = methods.get("ptq_minmax").run(ctx).variables
-  with pytest.raises(FloatingPointError, match=r"FAT w8a8: every step of epoch 1 gave a "
-                                               r"non-finite .* config\.fat\.learning_rate"):
-    methods.get("fat").run(ctx)
-  cfg = config.copy_and_resolve_references()
-  cfg.qat.learning_rate = float("nan")
-  ctx = make(cfg)
-  ctx.results["ptq_minmax"] = methods.get("ptq_minmax").run(ctx).variables
-  with pytest.raises(FloatingPointError, match=r"QAT w8a8: every step of epoch 1 .* "
-                                               r"config\.qat\.learning_rate"):
-    methods.get("qat").run(ctx)
+  ctx = make()
+  ctx.results["ptq_minmax"] = ctx.variables
+  methods.get("qat").run(ctx)
+  spec, (x, y), part = recorded[0]
+  assert set(part.trainable) == {"params", "thresholds"}
+  assert (spec.name, spec.knob, spec.score) == ("qat", "config.qat.learning_rate", None)
+  assert spec.steps_per_epoch == 4 and y.dtype.kind == "i" and x.shape[0] == 16
+
+
+def test_ptq_methods_write_their_ranges(tiny):
+  config, make = tiny
+  ctx = make()
+  ranges = {"stem/act_q": (-1.0, 3.0)}
+  ctx = methods.Context(**{**ctx.__dict__, "act_ranges": lambda m: ranges})
+  v = methods.get("ptq_minmax").run(ctx).variables
+  stats = v["quant_stats"]["stem"]["act_q"]
+  assert (float(stats["x_min"]), float(stats["x_max"])) == (-1.0, 3.0)
 
 
 def test_qat_checks_its_data_before_anything_runs(tiny):

@@ -276,7 +276,9 @@ class Net:
   folded_logits: np.ndarray
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+# MNASNet's network-level checks run in the slow tier; MobileNet-v2's in both.
+@pytest.fixture(scope="module",
+                params=["mobilenet_v2", pytest.param("mnasnet", marks=pytest.mark.slow)])
 def net(request):
   name = request.param
   model = MODELS[name](num_classes=NUM_CLASSES, width=WIDTH, small_input=True,
@@ -400,6 +402,7 @@ def test_quant_variable_collections(net, calibrated):
              for p, v in th.items())
 
 
+@pytest.mark.slow
 def test_init_quant_variables_equal_model_init(net):
   """Built from shapes and ``layers.INITIAL``, they equal Flax's own init."""
   qmodel = quantized(net.model, RULES16)
@@ -437,6 +440,7 @@ def test_calibrated_ranges(net, calibrated):
     assert 0.0 < float(r["x_max"]) <= (6.0 if relu6 else np.inf), layer
 
 
+@pytest.mark.slow
 def test_percentile_ranges_weight_batches_by_size(net):
   """Per-batch percentiles are averaged with the batch sizes as weights, so a short
   last batch counts for its images only (checked on the network input)."""

@@ -17,7 +17,7 @@ from experiments import config_checks
 from experiments.train import train_and_evaluate
 from fat import calibrate, models, pipeline
 from fat.models import pretrained, tf_mnasnet
-from tests.test_imagenet import CLASSES, write_image_folder
+from conftest import CLASSES, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs/paper/*.py"))
@@ -179,6 +179,7 @@ def test_missing_pretrained_file_is_explained(tmp_path):
     pretrained.load("onnx", "x")
 
 
+@pytest.mark.slow
 def test_paper_row_runs_end_to_end_on_fake_imagenet(tmp_path):
   """configs/paper/released_mnasnet_050_224.py, smoke: 64 px, 2 FAT steps, fake data."""
   root = write_image_folder(tmp_path / "imagenet", per_class=2)  # 6 train, 6 validation

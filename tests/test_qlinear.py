@@ -17,7 +17,7 @@ import pytest
 
 from fat import depthwise, layers, qlinear, quant, rules
 from fat import variables as fat_variables
-from tests.test_quant import ste_fake_quant
+from conftest import ste_fake_quant
 
 
 # float32 products, as the models ask for (fat.depthwise.PRECISION): on a GPU the
@@ -160,6 +160,7 @@ class _Tiny(nn.Module):
     return layers.Dense(3, mode=self.mode)(jnp.mean(x, axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_layer_threshold_gradients_same_with_and_without_weight_training():
   """Quantized layers give the same threshold gradients whether they use qlinear
   (FAT, kernels frozen) or autodiff through the kernel gradient

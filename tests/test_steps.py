@@ -61,6 +61,7 @@ def _alphas(thresholds) -> np.ndarray:
                          if p[-1].key == "alpha"])
 
 
+@pytest.mark.slow
 def test_fat_lowers_loss_and_trains_only_thresholds(setup, fat_step):
   qmodel, qvars, x, teacher = setup
   tx, step = fat_step
@@ -86,6 +87,7 @@ def test_fat_lowers_loss_and_trains_only_thresholds(setup, fat_step):
   assert np.all((alphas >= 0.5) & (alphas <= 1.0)) and np.any(alphas < 1.0)
 
 
+@pytest.mark.slow
 def test_nan_guard_keeps_last_good_thresholds(setup, fat_step):
   qmodel, qvars, x, teacher = setup
   tx, step = fat_step
@@ -156,6 +158,7 @@ def test_project_thresholds_clips_each_leaf_into_its_bounds():
   assert float(out["a"]["beta"]) == pytest.approx(0.4)
 
 
+@pytest.mark.slow
 def test_without_projection_alphas_leave_their_range(setup):
   """``project=False`` (the original recipe): an alpha that steps past 1.0 gets
   a zero gradient there and stays out of range (the projected run is checked
@@ -171,6 +174,7 @@ def test_without_projection_alphas_leave_their_range(setup):
   assert np.any(_alphas(thresholds) > 1.0)
 
 
+@pytest.mark.slow
 def test_qat_step_trains_params_and_thresholds(setup):
   qmodel, qvars, x, _ = setup
   y = jnp.arange(len(x)) % 10
@@ -195,7 +199,7 @@ def test_mse_search_picks_the_grid_minimum():
   qp = quant.init_params(w, spec)
   grid, errors = quant.alpha_sweep(w, qp, spec, num=11)
   assert errors.shape == (11, 4)
-  from tests.test_quant import np_fake_quant  # float64 reference, not quant._forward
+  from conftest import np_fake_quant  # float64 reference, not quant._forward
   w64, t_max = np.asarray(w, np.float64), np.max(np.abs(np.asarray(w, np.float64)), axis=0)
   for c in range(4):
     direct = [float(np.sum((np_fake_quant(w64, spec, -t_max, t_max, np.full(4, a), 0.0)[0]
@@ -206,7 +210,7 @@ def test_mse_search_picks_the_grid_minimum():
 def test_mse_search_picks_each_channels_least_error(setup):
   """For a per-channel weight, ``mse_search`` keeps, per output channel, the
   grid alpha whose float64 reference quantization error is least."""
-  from tests.test_quant import np_fake_quant
+  from conftest import np_fake_quant
   qmodel, qvars, x, _ = setup
   searched = calibrate.mse_search(qmodel, qvars, [x[:8], x[8:]], progress=False)
   spec = quant.QuantSpec(bits=4, per_channel=True)  # the setup's weight spec
@@ -230,6 +234,7 @@ def test_mse_search_picks_each_channels_least_error(setup):
     assert np.any(chosen < 1.0), layer  # 4 bits: clipping pays somewhere
 
 
+@pytest.mark.slow
 def test_mse_search_lowers_output_error(setup):
   qmodel, qvars, x, teacher = setup
   searched = calibrate.mse_search(qmodel, qvars, [x], progress=False)
