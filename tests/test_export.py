@@ -389,8 +389,8 @@ def test_every_product_asks_for_float32(impl):
                                                           act=quant.QuantSpec(bits=8)))
   qvars = jax.eval_shape(lambda: calibrate.init_quant_variables(qmodel, folded["params"], x))
   part = fat_variables.partition(qvars)
-  loss = lambda t: qmodel.apply(part.with_trainable(t).merged(), x).sum()
-  jaxprs = [jax.make_jaxpr(qmodel.apply)(qvars, x), jax.make_jaxpr(jax.grad(loss))(part.trainable)]
+  loss = lambda p: qmodel.apply(p.merged(), x).sum()
+  jaxprs = [jax.make_jaxpr(qmodel.apply)(qvars, x), jax.make_jaxpr(jax.grad(loss))(part)]
   seen = []
 
   def walk(jaxpr):
