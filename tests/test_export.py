@@ -354,6 +354,7 @@ def test_asymmetric_export_runs_in_ort(tmp_path):
   assert np.mean(ort_q.argmax(-1) == sim.argmax(-1)) >= 0.9
 
 
+@pytest.mark.slow
 def test_tiny_weight_channel_bias_overflow_is_named():
   """A per-channel weight step so small that the bias needs more than 32 bits is
   refused with the layer, the channel and the fix."""
