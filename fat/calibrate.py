@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
+from fat import data
 from fat.layers import (ACT_COLLECTION, CALIB_COLLECTION, GRID_COLLECTION, INITIAL,
                         TRAINABLE_COLLECTION, QuantMode)
 
@@ -182,8 +183,7 @@ class SharedRanges:
   def __call__(self, qmodel: nn.Module, method: str) -> dict:
     key = (method, observed_key(qmodel.mode.rules))
     if key not in self.cache:
-      batches = (x for x, _ in self.images.batches(self.batch_size))
-      self.cache[key] = activation_ranges(
-          qmodel, self.params, batches, method=method, percentile=self.percentile,
-          num_batches=-(-len(self.images) // self.batch_size))
+      batches, num = data.image_batches(self.images, self.batch_size)
+      self.cache[key] = activation_ranges(qmodel, self.params, batches, method=method,
+                                          percentile=self.percentile, num_batches=num)
     return self.cache[key]

@@ -236,3 +236,15 @@ def batches(split: Split, batch_size: int, *, seed: int | None = None, epochs: i
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
   return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def image_batches(images, batch_size: int) -> tuple[Iterator, int]:
+  """``(batches, count)``: one pass over the normalized images of a split
+  (``SplitLike``), labels dropped, or over an image array (NHWC, already
+  normalized), in order."""
+  if hasattr(images, "batches"):
+    return ((x for x, _ in images.batches(batch_size)),
+            num_batches(len(images), batch_size))
+  images = np.asarray(images)
+  return ((images[i:i + batch_size] for i in range(0, len(images), batch_size)),
+          num_batches(len(images), batch_size))

@@ -19,12 +19,11 @@ another width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
 
 import flax.linen as nn
 import numpy as np
 
-from fat import calibrate, fold, quant, rules
+from fat import calibrate, data, fold, quant, rules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,21 +78,9 @@ def quantize(model: nn.Module, folded: dict, quant_rules, sample) -> tuple[nn.Mo
   return qmodel, calibrate.init_quant_variables(qmodel, folded["params"], sample)
 
 
-def _batches(images, batch_size: int) -> tuple[Iterable, int]:
-  """(batches, count) of a ``fat.data.Split``-like object or an image array."""
-  if hasattr(images, "batches"):
-    n = len(images)
-    return (x for x, _ in images.batches(batch_size)), -(-n // batch_size)
-  images = np.asarray(images)
-  return ((images[i:i + batch_size] for i in range(0, len(images), batch_size)),
-          -(-len(images) // batch_size))
-
-
 def first_batch(images, n: int = 1) -> np.ndarray:
   """The first ``n`` images of a split or an image array."""
-  if hasattr(images, "batches"):
-    return next(images.batches(n))[0]
-  return np.asarray(images)[:n]
+  return next(data.image_batches(images, n)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +110,7 @@ def prepare(model: nn.Module, float_vars: dict, quant_rules, images, *,
   """
   folded = fold.fold_variables(float_vars, model.bn_eps)
   qmodel, qvars = quantize(model, folded, quant_rules, first_batch(images))
-  batches, num = _batches(images, batch_size)
+  batches, num = data.image_batches(images, batch_size)
   qvars = calibrate.calibrate(qmodel, qvars, batches, method=calibration, percentile=percentile,
                               num_batches=num, progress=progress)
   return Prepared(qmodel=qmodel, variables=qvars, folded=folded)

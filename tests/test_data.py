@@ -100,3 +100,15 @@ def test_augmentation_is_seeded(idx_dir):
   assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
   with pytest.raises(ValueError, match="augment_images needs a seed"):
     next(data.batches(train, 4, augment_images=True))
+
+
+def test_image_batches_of_a_split_and_of_an_array():
+  split = data.Split(np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2, 1), np.arange(5))
+  batches, count = data.image_batches(split, 2)
+  got = list(batches)
+  assert count == 3 and [len(x) for x in got] == [2, 2, 1]
+  np.testing.assert_array_equal(np.concatenate(got), data.normalize(split.images))
+  batches, count = data.image_batches(data.normalize(split.images), 4)
+  got = list(batches)
+  assert count == 2 and [len(x) for x in got] == [4, 1]
+  np.testing.assert_array_equal(np.concatenate(got), data.normalize(split.images))

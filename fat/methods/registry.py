@@ -24,6 +24,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from fat import data
+
 PTQ, TRAINED = "ptq", "trained"
 KINDS = (PTQ, TRAINED)
 # Every report has these: PTQ min/max is the baseline of "best other PTQ",
@@ -68,8 +70,7 @@ class Context:
 
   def calibration_batches(self):
     """``(batches, count)``: one pass over the calibration images."""
-    bs = self.config.calibration_batch_size
-    return (x for x, _ in self.calib.batches(bs)), -(-len(self.calib) // bs)
+    return data.image_batches(self.calib, self.config.calibration_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
