@@ -40,6 +40,21 @@ def run_module(module, *args, env=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def run_parallel(commands, env=None, timeout=600):
+  """Runs each ``[module, *args]`` as ``python -m module args`` at the same time
+  (each entry point defines absl flags at import: one process each); returns
+  their ``CompletedProcess`` results in order."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  procs = [subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cmd in commands]
+  results = []
+  for cmd, p in zip(commands, procs):
+    out, err = p.communicate(timeout=timeout)
+    results.append(subprocess.CompletedProcess([sys.executable, "-m", *cmd], p.returncode,
+                                               out, err))
+  return results
+
+
 def run_main(*args, env=None, timeout=300):
   """``python -m experiments.main args``."""
   return run_module("experiments.main", *args, env=env, timeout=timeout)
@@ -91,6 +106,36 @@ def smoke_run(float_ckpt, tmp_path_factory):
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["settings"][0]["name"] == report["settings"][0]["name"]
   return workdir, report
+
+
+# --------------------------------------------------------------------------
+# A three-block network from the library's blocks: what the MobileNet-v2 tests
+# check about steps, loops and parallelism, at a tenth of its compile time.
+# --------------------------------------------------------------------------
+
+
+def tiny_net(num_classes=10, **kwargs):
+  """stem -> block_0 (no expansion) -> block_1 (stride 2) -> block_2 (residual,
+  ``add_q``) -> head -> classifier, with MobileNet-v2's layer names."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from fat.layers import ActQuant  # pylint: disable=import-outside-toplevel
+  from fat.models import blocks  # pylint: disable=import-outside-toplevel
+
+  class TinyNet(blocks.Network):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      c = self.common()
+      x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
+      x, step = blocks.ConvBNAct(8, 3, 1, name="stem", **c)(x, train, step)
+      x, step = blocks.InvertedResidual(8, 1, name="block_0", residual=False, **c)(
+          x, train, step)
+      x, step = blocks.InvertedResidual(16, 6, strides=2, name="block_1", **c)(x, train, step)
+      x, step = blocks.InvertedResidual(16, 6, name="block_2", **c)(x, train, step)
+      x, _ = blocks.ConvBNAct(32, name="head", **c)(x, train, step)
+      return blocks.classifier_head(x, self.num_classes, self.mode)
+
+  return TinyNet(num_classes=num_classes, **kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Runs in a subprocess with ``--xla_force_host_platform_device_count=2``: XLA
 flags must be set before JAX starts. The two runs differ only in how XLA
 partitions the batch, hence in float summation order: float training steps
 agree to float64 rounding, and FAT steps give the same thresholds to float32
-rounding (the quantizer's grid is float32).
+rounding (the quantizer's grid is float32). The network is three of
+MobileNet-v2's blocks (``tiny_net`` in conftest.py): BatchNorm, depthwise and
+residual layers, at a fraction of the whole network's compile time.
 
 Both run in float64. In float32 the partitioned program may sum a conv in
 another order; a last-bit difference can move a value across a rounding
@@ -20,18 +22,20 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # a subprocess with two devices, whole-network training
+pytestmark = pytest.mark.slow  # a subprocess with two devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import json
+import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
-from fat import float_training, models, parallel, pipeline, quant, rules, steps, variables
+sys.path.insert(0, "tests")
+from conftest import tiny_net
+from fat import float_training, parallel, pipeline, quant, rules, steps, variables
 from fat.layers import TRAINABLE_COLLECTION
 
 assert len(jax.devices()) == 2, jax.devices()
-model = models.create("mobilenet_v2", num_classes=10, width=0.35)
+model = tiny_net()
 rng = np.random.default_rng(0)
 x = rng.uniform(-1, 1, (48, 28, 28, 1)).astype(np.float32)
 y = rng.integers(0, 10, 48)
@@ -43,9 +47,9 @@ out = {}
 # float64: a random-init BN network is ill-conditioned enough that float32
 # summation order alone moves its gradients by ~1%.
 jax.config.update("jax_enable_x64", True)
-model64 = models.create("mobilenet_v2", num_classes=10, width=0.35, dtype=jnp.float64)
+model64 = tiny_net(dtype=jnp.float64)
 v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), v)
-tx = optax.sgd(0.01)
+tx = optax.sgd(0.1)
 step = float_training.make_train_step(model64, tx)
 params = {}
 for n, mesh in meshes.items():

@@ -8,13 +8,16 @@ import numpy as np
 import optax
 import pytest
 
-from fat import calibrate, models, pipeline, quant, rules, schedules, steps, variables
+from conftest import tiny_net
+from fat import calibrate, pipeline, quant, rules, schedules, steps, variables
 from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
+  """A three-block network of MobileNet-v2's blocks at W4A4 per-channel, BN
+  statistics from the batch, and the float teacher's logits."""
+  model = tiny_net()
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 1))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
@@ -215,7 +218,7 @@ def test_mse_search_picks_each_channels_least_error(setup):
   searched = calibrate.mse_search(qmodel, qvars, [x[:8], x[8:]], progress=False)
   spec = quant.QuantSpec(bits=4, per_channel=True)  # the setup's weight spec
   grid = np.linspace(*spec.alpha_range, 21)
-  for layer in ("stem", "block_3/dw", "block_5/project"):
+  for layer in ("stem", "block_1/dw", "block_2/project"):
     node_w, node_t = qvars["params"], searched[TRAINABLE_COLLECTION]
     for key in layer.split("/") + ["conv"]:
       node_w, node_t = node_w[key], node_t[key]
