@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
+from experiments import cli
 from fat.depthwise import depthwise_conv
 
 SHAPES = ((128, 28, 28, 96, 1), (128, 14, 14, 192, 1), (128, 14, 14, 192, 2), (128, 7, 7, 576, 1))
@@ -22,7 +23,8 @@ def median_ms(fn, *args, repeats=7):
   return 1000 * timing.timed(lambda: fn(*args), repeats, warmup=0)[1]
 
 
-def main():
+def main(argv):
+  del argv
   print(f"backend: {jax.default_backend()}, devices: {len(jax.devices())}")
   print("| B, H, W, C, stride | impl | forward ms | forward + grads ms |")
   print("|---|---|---|---|")
@@ -38,4 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

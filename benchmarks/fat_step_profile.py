@@ -22,10 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks import timing
 from configs import default
+from experiments import cli
 from fat import calibrate, float_training, fold, models, pipeline, rules, schedules, steps
 from fat import variables as fat_variables
 
@@ -98,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

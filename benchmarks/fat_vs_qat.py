@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks import timing
 from configs import default
@@ -137,4 +137,4 @@ def run(variables, meta, train, test):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import timing
+from experiments import cli
 from fat import float_training, models
 
 CASES = (("mobilenet_v2", 1.0, False), ("mobilenet_v2", 1.0, True), ("mnasnet", 1.0, True))
@@ -28,7 +29,8 @@ def images_per_second(name, width, small_input, batch=128, px=28, repeats=5):
   return batch / median_s, compile_s
 
 
-def main():
+def main(argv):
+  del argv
   print(f"backend: {jax.default_backend()}, devices: {len(jax.devices())}")
   print("| model | width | small_input | compile s | img/s | 10 epochs (min) |")
   print("|---|---|---|---|---|---|")
@@ -39,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

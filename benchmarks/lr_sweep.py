@@ -15,15 +15,18 @@ calibration loss; test labels play no part in the choice.
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from benchmarks import tables
 from experiments import cli, config_checks
-from experiments.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Main-job config.")
+DEFAULT_CONFIG = "configs/default.py"
+# ml_collections loads the default config and applies its --config.* overrides here, at
+# import: a bad one is reported like any other bad flag.
+with cli.flag_errors(default_config=DEFAULT_CONFIG):
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Main-job config.")
 flags.DEFINE_string("workdir", "runs/lr_sweep", "One subfolder per rate and seed goes here.")
 flags.DEFINE_list("learning_rates", ["1e-4", "3e-4", "1e-3"], "FAT learning rates to try.")
 flags.DEFINE_list("seeds", ["0"], "Seeds to run at each rate.")
@@ -32,6 +35,8 @@ flags.DEFINE_list("only", [], "Run only these settings (by name); all when empty
 
 def main(argv):
   del argv
+  with cli.quiet_native_import():  # TensorFlow, through clu
+    from experiments.train import train_and_evaluate
   config = FLAGS.config
   with cli.exit_on_user_error():
     config_checks.only_settings(config, FLAGS.only)
@@ -61,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

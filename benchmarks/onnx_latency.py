@@ -10,7 +10,7 @@ intra-op threads, and the fp32/int8 ratio (> 1: int8 is faster).
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import timing
 from experiments import cli, deploy
@@ -62,4 +62,4 @@ def run(sessions):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

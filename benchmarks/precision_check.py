@@ -19,7 +19,7 @@ reference, the largest difference in grid steps, and the share of the next
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import jax
 
@@ -80,4 +80,4 @@ def run():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks.timing import random_stats, timed
 from configs import default
+from experiments import cli
 from fat import float_training, models, pipeline, schedules, steps
 from fat import variables as fat_variables
 
@@ -112,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import cli, deploy
 from fat import checkpoints
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,6 +6,17 @@ Run (MobileNet-v2 on the embedded Fashion-MNIST benchmark):
 
 import ml_collections
 
+# What get_config takes: the text after ':' in --config=<file>.py:<arg>.
+ARGS = ("", "smoke")
+
+
+def check_arg(arg: str) -> None:
+  """Rejects a config argument other than those in ``ARGS`` (a typo would otherwise
+  run the full job)."""
+  if arg not in ARGS:
+    raise ValueError(f"unknown config argument {arg!r}; valid: '' (--config=<file>.py, the "
+                     "full run) or 'smoke' (--config=<file>.py:smoke, a tiny run).")
+
 
 def setting(name, weight_bits, act_bits, per_channel, weight_kind="symmetric",
             act_kind="symmetric", first_last_bits=0):
@@ -17,6 +28,7 @@ def setting(name, weight_bits, act_bits, per_channel, weight_kind="symmetric",
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  check_arg(arg)
   c = ml_collections.ConfigDict()
   c.job = "fat"
   c.model_checkpoint = "checkpoints/fashion_mnist/mobilenet_v2"
@@ -68,6 +80,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.qat = ml_collections.ConfigDict(dict(
       batch_size=100, epochs=1, learning_rate=1e-5, train_fraction=1.0))
   c.log_every = 20
+  # Trained methods save a step checkpoint this often; a killed job resumes
+  # from it when started again with the same command.
+  c.checkpoint_every = 20
   if arg == "smoke":
     c.eval_examples = 200
     c.calibration_images = 64

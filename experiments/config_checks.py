@@ -22,7 +22,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.pretrained.format must be '' (use model_checkpoint) or one of "
                      f"{models.PRETRAINED_FORMATS}, got {config.pretrained.format!r}.")
   for name in ("eval_batch_size", "calibration_images", "calibration_batch_size",
-               "log_every", "image_size"):
+               "log_every", "image_size", "checkpoint_every"):
     checks.positive_int(name, config[name])
   if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
@@ -55,7 +55,7 @@ def validate_float(config: ml_collections.ConfigDict) -> None:
   if config.dataset != "fashion_mnist":
     raise ValueError(f"config.dataset must be 'fashion_mnist' for float training, got "
                      f"{config.dataset!r}.")
-  for name in ("batch_size", "epochs", "eval_batch_size"):
+  for name in ("batch_size", "epochs", "eval_batch_size", "checkpoint_every"):
     checks.positive_int(name, config[name])
   checks.nonnegative_int("train_examples", config.train_examples, "the whole train split")
   checks.number("learning_rate", config.learning_rate, 0.0, lo_open=True)

@@ -4,11 +4,14 @@
     verify(workdir)           ->  workdir/onnx_report.json
 
 Both read the main job's per-setting checkpoint (``workdir/checkpoints/<setting>``),
-whose metadata names the model, the setting and the eval data.
+whose metadata names the model, the setting and the eval data. ``export.json``
+records the checkpoint's fingerprint (``fat.checkpoints.fingerprint``);
+``verify`` refuses an export whose checkpoint has changed since.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -20,7 +23,7 @@ from fat import (atomic, calibrate, checkpoints, data, evaluate, export_onnx, gr
 from fat.errors import CheckpointError, ExportError
 
 EXPORT_DIR = "export"
-INT8, FP32 = "model_int8.onnx", "model_fp32.onnx"
+INT8, FP32, EXPORT_JSON = "model_int8.onnx", "model_fp32.onnx", "export.json"
 VERIFY_BATCH = 500
 
 
@@ -73,8 +76,9 @@ def export(workdir: str, setting: str | None = None) -> str:
   with atomic.staged_dir(out) as tmp:
     onnx.save(int8, os.path.join(tmp, INT8))
     onnx.save(fp32, os.path.join(tmp, FP32))
-    atomic.write_json(os.path.join(tmp, "export.json"), {
-        "setting": setting, "model": meta["model"], "model_kwargs": meta["model_kwargs"],
+    atomic.write_json(os.path.join(tmp, EXPORT_JSON), {
+        "setting": setting, "checkpoint_fingerprint": checkpoints.fingerprint(meta),
+        "model": meta["model"], "model_kwargs": meta["model_kwargs"],
         "opset": export_onnx.OPSET, "nodes": len(nodes),
         "ops": {op: sum(n.op == op for n in nodes)
                 for op in ("quantize", "conv", "add", "mean", "dense")}})
@@ -110,8 +114,24 @@ def open_exported(make, path: str, workdir: str, setting: str):
                       f"--setting={setting}.") from e
 
 
+def check_fingerprint(workdir: str, setting: str, meta: dict) -> None:
+  """An ``ExportError`` unless ``export/<setting>`` came from the checkpoint now there."""
+  path = os.path.join(workdir, EXPORT_DIR, setting, EXPORT_JSON)
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("checkpoint_fingerprint")
+  except (OSError, ValueError, AttributeError):
+    recorded = None
+  if recorded != checkpoints.fingerprint(meta):
+    raise ExportError(
+        f"{os.path.dirname(path)!r} was not exported from the checkpoint now in "
+        f"checkpoints/{setting} (the main job ran again since, or {EXPORT_JSON} is missing); "
+        f"re-export it: python -m experiments.export --workdir={workdir} --setting={setting}")
+
+
 def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   qmodel, qvars, meta = load_setting(workdir, setting)
+  check_fingerprint(workdir, setting, meta)
   split = eval_split(meta)
   fmodel = calibrate.quantized(qmodel, (), stage="folded")
   folded = {"params": qvars["params"]}

@@ -9,7 +9,7 @@ Writes ``<workdir>/export/<setting>/model_int8.onnx`` and ``model_fp32.onnx``;
 from __future__ import annotations
 
 
-from absl import app, flags
+from absl import flags
 
 from experiments import cli
 
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

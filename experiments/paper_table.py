@@ -13,7 +13,9 @@ import importlib
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "runs/paper", "Folder holding one workdir per paper config.")
@@ -55,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

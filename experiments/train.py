@@ -5,16 +5,25 @@
 and writes to ``workdir``: report.json, report.md, config.json, PNG plots,
 TensorBoard event files and, per setting, an orbax checkpoint of FAT's
 quantized variables (``checkpoints/<setting>``).
+
+The job holds the workdir's lock and resumes after a kill
+(``experiments/run_dir.py``): a setting finished before the kill is read
+back, not rerun, and a trained method resumes from its last step
+checkpoint (every ``config.checkpoint_every`` steps). ``fresh=True``
+discards that progress.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import jax
 import ml_collections
+from absl import logging
 from clu import metric_writers
+from tqdm import tqdm
 
 from fat import (atomic, checkpoints, data, evaluate, fold, methods, models, pipeline, plots, report,
                  steps)
@@ -24,20 +33,53 @@ from fat.models import pretrained
 from experiments import config_checks, run_dir
 
 
-def load_float(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]:
-  """(model name, model kwargs, float variables): a pretrained file or our checkpoint."""
+def load_float(config: ml_collections.ConfigDict) -> tuple[str, dict, dict, str]:
+  """(model name, model kwargs, float variables, source fingerprint): a pretrained
+  file or our checkpoint, its tensors checked against the model's shapes."""
   src = config.pretrained
   if src.format:
-    return pretrained.load(src.format, src.path, src.arch)
-  variables, meta = checkpoints.load(config.model_checkpoint)
-  checkpoints.require(meta, ("model", "model_kwargs"), config.model_checkpoint,
+    name, kwargs, variables = pretrained.load(src.format, src.path, src.arch)
+    return name, kwargs, variables, _file_stamp(src.path)
+  path = config.model_checkpoint
+  variables, meta = checkpoints.load(path)
+  checkpoints.require(meta, ("model", "model_kwargs"), path,
                       "point config.model_checkpoint at a float checkpoint of the float job")
-  return meta["model"], meta["model_kwargs"], variables
+  return meta["model"], meta["model_kwargs"], variables, checkpoints.fingerprint(meta)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _file_stamp(path: str) -> str:
+  """Names, sizes and modification times of the files of a pretrained source (a
+  file, a folder, or a TF checkpoint prefix): a resumed run must read the same ones."""
+  files = ([path] if os.path.isfile(path) else
+           sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+           if os.path.isdir(path) else sorted(glob.glob(glob.escape(path) + "*")))
+  return ";".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}"
+                  for f in files)
+
+
+def _check_shapes(model, variables, sample, path: str) -> None:
+  """The float tensors fit ``model`` on images shaped like ``sample``."""
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample[:1])
+  checkpoints.check_shapes(expected, variables, path)
+
+
+def effective_config(config: ml_collections.ConfigDict, unlabeled_images: int):
+  """``config`` with what the data forces: a FAT batch larger than the
+  unlabeled images is clamped to them, with a warning."""
+  if config.fat.batch_size <= unlabeled_images:
+    return config
+  logging.warning("config.fat.batch_size %d is more than the %d unlabeled images; using %d "
+                  "(raise config.fat.train_fraction for larger batches).",
+                  config.fat.batch_size, unlabeled_images, unlabeled_images)
+  config = config.copy_and_resolve_references()
+  config.fat.batch_size = unlabeled_images
+  return config
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       fresh: bool = False) -> dict:
   config_checks.validate(config)
-  name, model_kwargs, float_vars = load_float(config)
+  name, model_kwargs, float_vars, source = load_float(config)
   load = lambda split: data.load(config.dataset, split, config.data_dir or None,
                                  preprocess=config.preprocess, image_size=config.image_size,
                                  manual_dir=config.manual_dir or None)
@@ -48,17 +90,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   calib = unlabeled.head(config.calibration_images)
   if len(calib) == 0:
     raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
+  _check_shapes(models.create(name, **model_kwargs), float_vars, next(calib.batches(1))[0],
+                config.pretrained.path or config.model_checkpoint)
+  config = effective_config(config, len(unlabeled))
   for m in config.methods:
     methods.get(m).check_data(config, train)
-  config_checks.ensure_writable(workdir)
-  with run_dir.staged(workdir) as stage:
+  key = {"config": json.loads(config.to_json_best_effort()), "float": source}
+  with run_dir.job(workdir, key, fresh) as stage:
+    if stage.resumed:
+      logging.warning("resuming the unfinished run in %s (pass --fresh to start over)", workdir)
     return _run_settings(config, stage, (name, model_kwargs, float_vars),
                          {"unlabeled": unlabeled, "calib": calib, "train": train, "test": test})
 
 
-def _run_settings(config, workdir: str, float_model, splits: dict) -> dict:
+def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> dict:
   """Every setting of ``config`` on the loaded float model and data; writes the
-  outputs into ``workdir`` (the staging folder of ``run_dir.staged``)."""
+  outputs into ``stage.path``, reading back the settings ``stage`` has as done."""
+  workdir = stage.path
   name, model_kwargs, float_vars = float_model
   model = models.create(name, **model_kwargs)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -79,13 +127,19 @@ def _run_settings(config, workdir: str, float_model, splits: dict) -> dict:
           "data_dir": config.data_dir, "preprocess": config.preprocess,
           "image_size": config.image_size, "fat": config.fat.to_dict()}
   thresholds, curves = {}, {}
-  for s in config.settings:
-    entry, variables, losses = run_setting(s, config, model, folded, splits, teacher,
-                                           evaluator, writer, ranges)
-    checkpoints.save(os.path.join(workdir, "checkpoints", s.name), variables,
-                     {**meta, "setting": s.name, "config": s.to_dict(),
-                      "fake_quant_top1_pct": entry["methods"]["fat"]["top1_pct"],
-                      "eval_examples": len(splits["test"])})
+  for s in tqdm(config.settings, desc="settings", unit="setting", position=0):
+    path = os.path.join(workdir, "checkpoints", s.name)
+    done = stage.done(s.name)
+    if done is not None:  # finished before an interruption
+      entry, losses, variables = done["entry"], done["losses"], checkpoints.load(path)[0]
+    else:
+      entry, variables, losses = run_setting(s, config, model, folded, splits, teacher,
+                                             evaluator, writer, ranges, stage.steps_dir(s.name))
+      checkpoints.save(path, variables,
+                       {**meta, "setting": s.name, "config": s.to_dict(),
+                        "fake_quant_top1_pct": entry["methods"]["fat"]["top1_pct"],
+                        "eval_examples": len(splits["test"])})
+      stage.finish(s.name, {"entry": entry, "losses": losses})
     out["settings"].append(entry)
     thresholds[s.name] = variables[TRAINABLE_COLLECTION]
     curves.update({f"{s.name} {m}": [l for _, l in c] for m, c in losses.items() if c})
@@ -99,9 +153,11 @@ def _run_settings(config, workdir: str, float_model, splits: dict) -> dict:
   return out
 
 
-def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ranges):
+def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ranges,
+                checkpoint_dir=None):
   """Every selected method on setting ``s``; returns its report entry, FAT's
-  variables and the loss curves by method."""
+  variables and the loss curves by method. Trained methods keep step
+  checkpoints under ``checkpoint_dir`` (None: none)."""
   qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
                                     next(splits["calib"].batches(1))[0])
   apply_q, predict_q = jax.jit(qmodel.apply), evaluate.make_predict(qmodel.apply)
@@ -114,7 +170,8 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ra
                         variables=qvars, calib=splits["calib"], unlabeled=splits["unlabeled"],
                         train=splits["train"], teacher=teacher,
                         act_ranges=lambda statistic: ranges(qmodel, statistic),
-                        distill=distill, results={}, writer=writer)
+                        distill=distill, results={}, writer=writer,
+                        checkpoint_dir=checkpoint_dir)
   entry = {k: s[k] for k in ("name", "weight_bits", "act_bits", "per_channel", "weight_kind",
                              "act_kind")}
   entry["methods"], preds, losses = {}, {}, {}

@@ -18,7 +18,13 @@ every method needs around its step:
   and with ``spec.patience`` > 0 training stops after that many scores in a
   row without a new best;
 * logging: the loss every ``spec.log_every`` steps (and at scores and the
-  end) to the metric writer and the returned curve, with a progress bar.
+  end) to the metric writer and the returned curve, with a progress bar;
+* step checkpoints: with ``spec.checkpoint_dir``, the whole loop state
+  (variables, optimizer state, keep-best state, logged losses, counters) is
+  saved there every ``spec.checkpoint_every`` steps through orbax's
+  ``CheckpointManager``; a loop started again on that folder restores the
+  latest one and skips the batches already trained on, so it ends where an
+  uninterrupted run ends, bit for bit (the batches must be the same stream).
 
 The failed-step count lives on the device and is read once per epoch, so the
 loop does not wait on the device at every step.
@@ -26,13 +32,17 @@ loop does not wait on the device at every step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+import os
 import time
 from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from fat import parallel
@@ -54,6 +64,9 @@ class LoopSpec:
     score: ``variables -> float`` for keep-best (None: return the last variables).
     select_every: score every this many steps (0: at each epoch end).
     patience: stop after this many scores without a new best (0: never).
+    checkpoint_dir: folder for step checkpoints (None: none); a loop started
+      on a folder that has one resumes from it.
+    checkpoint_every: save every this many steps (and after the last).
   """
 
   name: str
@@ -66,9 +79,11 @@ class LoopSpec:
   score: Callable[[dict], float] | None = None
   select_every: int = 0
   patience: int = 0
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 20
 
   def __post_init__(self):
-    for field in ("steps_per_epoch", "epochs", "log_every"):
+    for field in ("steps_per_epoch", "epochs", "log_every", "checkpoint_every"):
       if getattr(self, field) < 1:
         raise ValueError(f"LoopSpec.{field} must be >= 1, got {getattr(self, field)}.")
     if self.patience and self.score is None:
@@ -92,6 +107,38 @@ def check_finite_epoch(skipped: int, steps: int, what: str, epoch: int, knob: st
   return skipped
 
 
+class StepCheckpoints:
+  """A training loop's state (a tree of arrays, plus JSON counters), saved every
+  ``every`` steps through orbax's ``CheckpointManager`` (the latest one kept)
+  and restored by a later loop on the same folder (``directory`` None: off)."""
+
+  def __init__(self, directory: str | None, every: int):
+    self.every = every
+    self.manager = None if directory is None else ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+  def restore(self, arrays: dict) -> tuple[dict, dict] | None:
+    """(arrays shaped like ``arrays``, counters) of the latest save, or None."""
+    if self.manager is None or self.manager.latest_step() is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, arrays)
+    out = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
+    return out.arrays, out.counters
+
+  def due(self, step: int, last: bool) -> bool:
+    return self.manager is not None and (last or step % self.every == 0)
+
+  def save(self, step: int, arrays: dict, counters: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), counters=ocp.args.JsonSave(counters)), force=True)
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.close()
+
+
 def train(step, part: Partition, opt_state, batches: Iterable[tuple[np.ndarray, np.ndarray]],
           spec: LoopSpec, writer=None) -> LoopResult:
   """Runs ``step`` over ``batches`` (``(x, target)`` pairs, ``spec.epochs`` passes).
@@ -103,37 +150,61 @@ def train(step, part: Partition, opt_state, batches: Iterable[tuple[np.ndarray, 
   ``kept_step``.
   """
   mesh = parallel.data_mesh()
-  trainable, frozen = parallel.replicate((part.trainable, part.frozen), mesh)
-  opt_state = parallel.replicate(opt_state, mesh)
   spe, total = spec.steps_per_epoch, spec.steps_per_epoch * spec.epochs
   what = f"{spec.name.upper()} {spec.tag}"
   select, every = spec.score is not None, spec.select_every or spec.steps_per_epoch
-  scores = [(0, spec.score(part.merged()))] if select else []
-  best, since_best = part.trainable, 0  # best: unreplicated
-  losses, nonfinite, i, t0 = [], 0, 0, time.time()
-  skipped = jnp.zeros((), jnp.int32)  # stays on device: no sync per step
-  for i, (x, target) in enumerate(tqdm(batches, total=total, desc=what, leave=False), 1):
-    trainable, opt_state, m = step(trainable, opt_state, frozen, parallel.shard_batch(x, mesh),
-                                   parallel.shard_batch(target, mesh))
-    skipped = skipped + (~m["finite"]).astype(jnp.int32)
-    scoring = select and (i % every == 0 or i == total)
-    if i % spec.log_every == 0 or i == total or scoring:
-      losses.append((i, float(m["loss"])))
-      if writer is not None:
-        writer.write_scalars(i, {f"{spec.tag}/{spec.name}_loss": losses[-1][1]})
-    if i % spe == 0:
-      nonfinite += check_finite_epoch(int(skipped), spe, what, i // spe - 1, spec.knob)
-      skipped = jnp.zeros((), jnp.int32)
-    if scoring:
-      current = parallel.unreplicate(trainable)
-      scores.append((i, spec.score(part.with_trainable(current).merged())))
-      improved = scores[-1][1] < min(s for _, s in scores[:-1])
-      best, since_best = (current, 0) if improved else (best, since_best + 1)
-      if spec.patience and since_best >= spec.patience:
+  saver = StepCheckpoints(spec.checkpoint_dir, spec.checkpoint_every)
+  arrays = {"trainable": part.trainable, "opt_state": opt_state, "best": part.trainable,
+            "skipped": np.zeros((), np.int32)}
+  counters = {"step": 0, "since_best": 0, "nonfinite": 0, "losses": [], "scores": None,
+              "stopped": False}
+  restored = saver.restore(jax.tree.map(np.asarray, arrays))
+  if restored is not None:
+    arrays, counters = restored
+  elif select:
+    counters["scores"] = [(0, spec.score(part.merged()))]
+  trainable, frozen = parallel.replicate((arrays["trainable"], part.frozen), mesh)
+  opt_state = parallel.replicate(arrays["opt_state"], mesh)
+  best, since_best = arrays["best"], counters["since_best"]  # best: unreplicated
+  scores = [tuple(p) for p in counters["scores"] or []]
+  losses = [tuple(p) for p in counters["losses"]]
+  nonfinite, i, t0 = counters["nonfinite"], counters["step"], time.time()
+  skipped = jnp.asarray(arrays["skipped"], jnp.int32)  # stays on device: no sync per step
+  stopped = counters["stopped"] or i == total
+
+  def state():
+    return ({"trainable": parallel.unreplicate(trainable),
+             "opt_state": parallel.unreplicate(opt_state), "best": best, "skipped": skipped},
+            {"step": i, "since_best": since_best, "nonfinite": nonfinite, "losses": losses,
+             "scores": scores if select else None, "stopped": stopped})
+
+  todo = itertools.islice(batches, i, None) if not stopped else iter(())
+  bar = tqdm(todo, total=total, initial=i, desc=what, leave=False)
+  with contextlib.closing(saver):
+    for i, (x, target) in enumerate(bar, i + 1):
+      trainable, opt_state, m = step(trainable, opt_state, frozen, parallel.shard_batch(x, mesh),
+                                     parallel.shard_batch(target, mesh))
+      skipped = skipped + (~m["finite"]).astype(jnp.int32)
+      scoring = select and (i % every == 0 or i == total)
+      if i % spec.log_every == 0 or i == total or scoring:
+        losses.append((i, float(m["loss"])))
+        if writer is not None:
+          writer.write_scalars(i, {f"{spec.tag}/{spec.name}_loss": losses[-1][1]})
+      if i % spe == 0:
+        nonfinite += check_finite_epoch(int(skipped), spe, what, i // spe - 1, spec.knob)
+        skipped = jnp.zeros((), jnp.int32)
+      if scoring:
+        current = parallel.unreplicate(trainable)
+        scores.append((i, spec.score(part.with_trainable(current).merged())))
+        improved = scores[-1][1] < min(s for _, s in scores[:-1])
+        best, since_best = (current, 0) if improved else (best, since_best + 1)
+        stopped = bool(spec.patience) and since_best >= spec.patience
+      stopped = stopped or i == total
+      if saver.due(i, stopped):
+        saver.save(i, *state())
+      if stopped:
         break
-    if i == total:
-      break
-  jax.block_until_ready(trainable)
+    jax.block_until_ready(trainable)
   nonfinite += int(skipped)  # steps of an epoch cut short by early stopping
   stats = {"train_seconds": time.time() - t0, "train_images": spec.train_images,
            "epochs": round(i / spe, 2), "steps": i, "nonfinite_steps": nonfinite}

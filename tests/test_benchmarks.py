@@ -1,7 +1,8 @@
-"""The benchmark scripts import, the seed-spread and lr-sweep scripts reject bad flags and
+"""Every entry point answers --help, the seed-spread and lr-sweep scripts reject bad flags and
 their tables (benchmarks/tables.py) hold what the reports say, and the shared timing helper
 times what it is given."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -11,46 +12,58 @@ import pytest
 
 from benchmarks import tables, timing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Each defines absl flags at import, some with the same names: one process each.
-SCRIPTS = ("depthwise_speed", "fat_step_profile", "fat_vs_qat", "float_step_speed",
-           "lr_sweep", "onnx_latency", "precision_check", "seed_spread", "step_speed",
-           "threshold_stats")
+from conftest import REPO, run_parallel
+
+
+def entry_points():
+  """{module: first line of its docstring} for every module of experiments/ and
+  benchmarks/ with a ``__main__`` block."""
+  found = {}
+  for package in ("experiments", "benchmarks"):
+    for path in sorted(glob.glob(os.path.join(REPO, package, "*.py"))):
+      with open(path) as f:
+        text = f.read()
+      if 'if __name__ == "__main__":' in text:
+        found[f"{package}.{os.path.basename(path)[:-3]}"] = text.split('"""')[1].splitlines()[0]
+  return found
 
 
 @pytest.mark.slow
-def test_benchmarks_import():
-  procs = [subprocess.run([sys.executable, "-c", f"import benchmarks.{name}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300) for name in SCRIPTS]
-  for name, r in zip(SCRIPTS, procs):
-    assert r.returncode == 0, (name, r.stderr[-2000:])
+def test_every_entry_point_answers_help():
+  """--help (and, for one, --helpfull) prints the module's docstring and its flags and
+  exits 0 without running anything (which also proves each module imports)."""
+  modules = entry_points()
+  assert len(modules) >= 14 and "benchmarks.depthwise_speed" in modules
+  runs = [(m, "--help") for m in modules] + [("experiments.main", "--helpfull")]
+  for (module, flag), r in zip(runs, run_parallel(runs)):
+    assert r.returncode == 0 and modules[module] in r.stdout, (module, flag, r.stderr[-2000:])
+    assert "backend:" not in r.stdout, (module, r.stdout[-2000:])  # the benchmark did not run
+  assert "--verbosity" in r.stdout  # --helpfull: absl's own flags too
+
+
+# (script, flag, message): each refused with exit 2 before anything runs.
+BAD_FLAGS = [
+    ("seed_spread", "--only=w8a8_per_channel,w2", "error: --only: unknown settings ['w2']"),
+    ("seed_spread", "--seeds=0,x", "error: --seeds must be comma-separated integers"),
+    ("lr_sweep", "--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
+    ("lr_sweep", "--learning_rates=1e-3,x", "--learning_rates must be comma-separated numbers"),
+    ("lr_sweep", "--learning_rates=0", "--learning_rates must be positive"),
+    ("lr_sweep", "--seeds=0,x", "--seeds comma-separated integers"),
+    ("lr_sweep", "--config.fat.keep_best=False", "set config.fat.keep_best=True"),
+    ("fat_vs_qat", "--checkpoint=/nonexistent/ckpt", "error: no checkpoint at '/nonexistent/ckpt'"),
+    ("fat_vs_qat", "--max_seconds=0", "error: --max_seconds must be positive"),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag, message", [
-    ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
-    ("--seeds=0,x", "--seeds must be comma-separated integers"),
-])
-def test_seed_spread_rejects_bad_flags(tmp_path, flag, message):
-  r = subprocess.run([sys.executable, "-m", "benchmarks.seed_spread", f"--workdir={tmp_path}",
-                      flag], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
-  assert not os.listdir(tmp_path)  # rejected before any run
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flag, message", [
-    ("--only=w8a8_per_channel,w2", "--only: unknown settings ['w2']"),
-    ("--learning_rates=1e-3,x", "--learning_rates must be comma-separated numbers"),
-    ("--learning_rates=0", "--learning_rates must be positive"),
-    ("--seeds=0,x", "--seeds comma-separated integers"),
-    ("--config.fat.keep_best=False", "set config.fat.keep_best=True"),
-])
-def test_lr_sweep_rejects_bad_flags(tmp_path, flag, message):
-  r = subprocess.run([sys.executable, "-m", "benchmarks.lr_sweep", f"--workdir={tmp_path}",
-                      flag], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
-  assert not os.listdir(tmp_path)
+def test_benchmarks_reject_bad_flags(tmp_path):
+  """Each case of ``BAD_FLAGS`` exits 2 with its message and writes nothing (run in parallel)."""
+  runs = [(f"benchmarks.{script}", flag) + ((f"--workdir={tmp_path / str(i)}",)
+                                            if script != "fat_vs_qat" else ())
+          for i, (script, flag, _) in enumerate(BAD_FLAGS)]
+  for i, ((script, flag, message), r) in enumerate(zip(BAD_FLAGS, run_parallel(runs))):
+    assert r.returncode == 2 and message in r.stderr, (script, flag, r.stderr[-2000:])
+    assert not (tmp_path / str(i)).exists() or not os.listdir(tmp_path / str(i)), (script, flag)
 
 
 @pytest.mark.slow
@@ -67,17 +80,6 @@ def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and "error: cannot load" in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flag, message", [
-    ("--checkpoint=/nonexistent/ckpt", "no checkpoint at '/nonexistent/ckpt'"),
-    ("--max_seconds=0", "--max_seconds must be positive"),
-])
-def test_fat_vs_qat_rejects_bad_input(flag, message):
-  r = subprocess.run([sys.executable, "-m", "benchmarks.fat_vs_qat", flag], cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and f"error: {message}" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow

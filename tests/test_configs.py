@@ -1,9 +1,12 @@
-"""Every config loads, passes validation and names a known model (configs/paper: test_paper.py)."""
+"""Every config loads, passes validation and names a known model (configs/paper: test_paper.py);
+a bad --config flag gets one error line."""
 
 import glob
 import importlib
 import os
 import re
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -30,6 +33,56 @@ def test_config_is_valid(name, arg):
     config_checks.validate_float(config)
     assert config.model in models.MODELS
     assert config.output.startswith("runs/smoke/" if arg else "checkpoints/")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_rejects_an_unknown_argument(name):
+  """A typo after ':' (--config=configs/default.py:smok) would otherwise run the full job."""
+  with pytest.raises(ValueError, match="unknown config argument 'smok'; valid: '' .* 'smoke'"):
+    importlib.import_module(name).get_config("smok")
+
+
+# (entry point, flags, what its one error line says, and what else it holds). The
+# first five are caught while absl parses the flags (lr_sweep's default config is
+# parsed when its flag is defined, at import); the last in main, by the config checks.
+SMOKE = "--config=configs/default.py:smoke"
+BAD_FLAGS = [
+    ("experiments.main", (SMOKE, "--config.nonexistent=1"),
+     "--config.nonexistent: config has no field 'nonexistent'; valid fields: ",
+     "calibration_images, checkpoint_every, "),
+    ("experiments.main", (SMOKE, "--config.fat.learnig_rate=0.1"),
+     "--config.fat.learnig_rate: config.fat has no field 'learnig_rate' (did you mean "
+     "'learning_rate'?); valid fields: ", "alpha_range, batch_size, beta_range, epochs, "),
+    ("experiments.main", (SMOKE, "--config.settings[5].weight_bits=4"),
+     "--config.settings[5].weight_bits: config.settings has 2 items: index 5 is out of range",
+     "valid indices: 0 to 1"),
+    ("experiments.main", ("--config=configs/default.py:smok",),
+     "--config=configs/default.py:smok: unknown config argument 'smok'", "or 'smoke'"),
+    ("benchmarks.lr_sweep", ("--config.fat.learnig_rate=0.1",),
+     "--config.fat.learnig_rate: config.fat has no field 'learnig_rate'", "learning_rate, "),
+    ("experiments.main", (SMOKE, "--config.percentile=150"),
+     "config.percentile must be in (50, 100]", ""),
+]
+
+
+@pytest.mark.slow
+def test_bad_flags_get_one_error_line(tmp_path):
+  """Exit status 2, the message once (on one ``error:`` line), no traceback, no INFO
+  log lines, and no workdir. The commands run in parallel."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", module, *flags, f"--workdir={tmp_path / str(i)}"], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i, (module, flags, _, _) in enumerate(BAD_FLAGS)]
+  for i, (p, (module, flags, message, also)) in enumerate(zip(procs, BAD_FLAGS)):
+    _, err = p.communicate(timeout=300)
+    case = (module, flags, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, case
+    assert errors[0].startswith(f"error: {message}") and also in errors[0], case
+    assert err.count(message) == 1 and "Traceback" not in err, case
+    assert not re.search(r"^I\d{4} ", err, re.M), case  # INFO lines stay off the console
+    assert not (tmp_path / str(i)).exists(), case
 
 
 def test_validation_rejects_unsigned_weights():

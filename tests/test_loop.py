@@ -111,3 +111,47 @@ def test_spec_rejects_bad_values():
     spec(steps_per_epoch=0)
   with pytest.raises(ValueError, match="patience needs a score"):
     spec(patience=2)
+
+
+def _varying_batches(n_steps):
+  """Batches that differ step to step, so a resumed loop that skipped the wrong
+  ones ends elsewhere."""
+  for i in range(n_steps):
+    yield np.full((4, 3), 1.0 + 0.1 * i, np.float32), np.full((4, 3), 2.0 - 0.05 * i, np.float32)
+
+
+def _interrupted(batches, at):
+  for i, b in enumerate(batches):
+    if i == at:
+      raise KeyboardInterrupt
+    yield b
+
+
+@pytest.mark.parametrize("kill_at", [1, 5, 8])
+def test_a_killed_loop_resumes_to_the_uninterrupted_result(tmp_path, kill_at):
+  """Step checkpoints every 3 steps (Adam, keep-best and patience on): a loop
+  killed before step ``kill_at + 1`` and started again on its folder ends with
+  the uninterrupted loop's variables, losses and stats, bit for bit."""
+  tx = optax.adam(0.05)
+  def loss_fn(trainable, frozen, x, target):
+    return jnp.mean((trainable["w"]["v"] * x - target) ** 2), {}
+  step = steps._make_guarded_step(loss_fn, tx, lambda t, _: t)
+  score = lambda v: float(jnp.sum((v["w"]["v"] - 1.7) ** 2))
+  kw = dict(steps_per_epoch=3, epochs=4, score=score, select_every=2, patience=3, log_every=2,
+            checkpoint_every=3)
+  p = part()
+  full = loop.train(step, p, tx.init(p.trainable), _varying_batches(12),
+                    spec(checkpoint_dir=str(tmp_path / "a"), **kw))
+  resumed_spec = spec(checkpoint_dir=str(tmp_path / "b"), **kw)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(step, p, tx.init(p.trainable), _interrupted(_varying_batches(12), kill_at),
+               resumed_spec)
+  out = loop.train(step, p, tx.init(p.trainable), _varying_batches(12), resumed_spec)
+  jax.tree.map(np.testing.assert_array_equal, out.variables, full.variables)
+  assert out.losses == full.losses and len(full.losses) > 3, (out.losses, full.losses, out.stats, full.stats)
+  drop = lambda s: {k: v for k, v in s.items() if k != "train_seconds"}
+  assert drop(out.stats) == drop(full.stats)
+  assert full.stats["steps"] == 12 and full.stats["kept_step"] > 0
+  # A finished loop's folder gives its result again without a step.
+  again = loop.train(None, p, tx.init(p.trainable), iter(()), resumed_spec)
+  jax.tree.map(np.testing.assert_array_equal, again.variables, full.variables)

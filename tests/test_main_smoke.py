@@ -4,12 +4,18 @@ then a toy method added in one file, and bad input. All slow tier."""
 
 import json
 import os
+import random
+import shutil
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 
 from configs import default
-from conftest import run_main, run_module, smoke_config, smoke_flags
+from conftest import REPO, run_main, run_module, smoke_config, smoke_flags
 from fat import checkpoints
 
 pytestmark = pytest.mark.slow
@@ -73,18 +79,15 @@ def _leaves(tree, prefix=""):
       yield f"{prefix}{k}", v
 
 
-# The exit plumbing of the entry point; the other messages of the config checks
-# are tested in-process in tests/test_configs.py.
-@pytest.mark.parametrize("override, message", [
-    ("--config.dataset=mnist", "config.dataset 'mnist' is unknown"),
-    ("--config.model_checkpoint=/nonexistent/ckpt", "no checkpoint at '/nonexistent/ckpt'"),
-])
-def test_bad_config_exits_with_message(tmp_path, override, message):
+def test_bad_config_exits_with_message(tmp_path):
+  """The exit plumbing of the entry point (one line, status 2, nothing written); the
+  config checks' other messages are tested in-process (tests/test_configs.py)."""
   workdir = tmp_path / "w"
-  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}", override)
-  assert r.returncode == 2
-  assert message in r.stderr, r.stderr[-2000:]
-  assert not workdir.exists() or not os.listdir(workdir)  # nothing written
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}",
+               "--config.model_checkpoint=/nonexistent/ckpt")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "error: no checkpoint at '/nonexistent/ckpt'" in r.stderr, r.stderr[-2000:]
+  assert not workdir.exists()  # nothing written
 
 
 def test_late_failure_leaves_no_outputs(float_ckpt, tmp_path, monkeypatch):
@@ -105,21 +108,21 @@ def test_late_failure_leaves_no_outputs(float_ckpt, tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_and_unwritable_workdir(float_ckpt, tmp_path):
+  from experiments.train import train_and_evaluate
   bad = tmp_path / "bad_ckpt"
   bad.mkdir()
   (bad / "meta.json").write_text("{not json")
-  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path / 'w1'}",
-               f"--config.model_checkpoint={bad}")
-  assert r.returncode != 0 and "corrupt meta.json" in r.stderr, r.stderr[-2000:]
+  config = smoke_config(str(bad))
+  with pytest.raises(checkpoints.CheckpointError, match="corrupt meta.json"):
+    train_and_evaluate(config, str(tmp_path / "w1"))
   (bad / "meta.json").write_text(json.dumps({"model": "mobilenet_v2"}))
-  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path / 'w2'}",
-               f"--config.model_checkpoint={bad}")
-  assert r.returncode != 0 and "cannot be read" in r.stderr, r.stderr[-2000:]
+  with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
+    train_and_evaluate(config, str(tmp_path / "w2"))
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = run_main("--config=configs/default.py:smoke", f"--workdir={blocker / 'sub'}",
-               f"--config.model_checkpoint={float_ckpt}")
-  assert r.returncode != 0 and "cannot be written" in r.stderr, r.stderr[-2000:]
+  with pytest.raises(OSError, match="cannot be written"):
+    train_and_evaluate(smoke_config(float_ckpt), str(blocker / "sub"))
+  assert sorted(os.listdir(tmp_path)) == ["bad_ckpt", "file"]  # no workdir made
 
 
 def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
@@ -148,7 +151,7 @@ def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
   assert second["minmax"] == own and len(own) > 10
 
 
-def test_export_and_verify_onnx(smoke_run):
+def test_export_and_verify_onnx(smoke_run, tmp_path):
   """The deployment commands on the smoke main job's output."""
   workdir, report = smoke_run
   r = run_module("experiments.export", f"--workdir={workdir}", "--setting=w8a8_per_channel")
@@ -168,6 +171,18 @@ def test_export_and_verify_onnx(smoke_run):
   assert abs(s["int8"]["top1_pct"] - fat_top1) <= 2.0
   assert s["fp32"]["agreement_pct"] >= 99.0
   assert s["integer_reference"]["ort_int8_agreement_pct"] >= 95.0
+  # A checkpoint saved after the export (the main job ran again) makes it stale.
+  from experiments import deploy
+  from fat.errors import ExportError
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  path = os.path.join(copy, "checkpoints", "w8a8_per_channel")
+  variables, meta = checkpoints.load(path)
+  variables["thresholds"] = jax.tree.map(lambda t: t * 0.5, variables["thresholds"])
+  checkpoints.save(path, variables, meta)
+  with pytest.raises(ExportError, match="re-export it: python -m experiments.export "
+                                        f"--workdir={copy} --setting=w8a8_per_channel"):
+    deploy.verify(copy)
 
 
 def test_export_refusals(smoke_run, tmp_path):
@@ -186,22 +201,57 @@ def test_export_refusals(smoke_run, tmp_path):
     deploy.verify(str(tmp_path))
 
 
-def test_same_seed_same_report_across_processes(smoke_run, float_ckpt, tmp_path):
-  """The smoke run's config run again in a separate process, with another hash
-  seed, gives the same report apart from timings."""
+def _without_timings(report):
+  """The settings of ``report`` as report.json holds them, train_seconds left out."""
+  return [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
+           for k, m in s["methods"].items()} for s in json.loads(json.dumps(report))["settings"]]
+
+
+def test_a_killed_run_resumes_to_the_same_report_in_another_process(smoke_run, float_ckpt,
+                                                                    tmp_path):
+  """The smoke run's config in a separate process with another hash seed,
+  killed (SIGKILL) at a random FAT step of its second setting, then started
+  again with the same command: it resumes (the first setting is not rerun, FAT
+  continues from its last step checkpoint), and its report (timings aside) and
+  checkpoints equal the uninterrupted in-process run's, bit for bit."""
   workdir, a = smoke_run
-  r = run_main(*smoke_flags(float_ckpt), f"--workdir={tmp_path / 'b'}",
-               env={"PYTHONHASHSEED": "12345"}, timeout=900)
+  kill_after = random.randint(1, 6)  # of the 7 FAT steps
+  args = [*smoke_flags(float_ckpt), f"--workdir={tmp_path / 'b'}", "--config.checkpoint_every=1"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": "12345"}
+  marker = tmp_path / "b" / ".partial" / "steps" / "w4a8_per_channel" / "fat" / str(kill_after)
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.kill()
+  _, err = proc.communicate()
+  assert marker.exists(), (kill_after, err[-3000:])
+  assert not (tmp_path / "b" / "report.json").exists()
+  r = run_main(*args, env={"PYTHONHASHSEED": "12345"}, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "resuming" in r.stderr and "w8a8_per_channel ptq" not in r.stderr, r.stderr[-3000:]
   b = json.load(open(tmp_path / "b" / "report.json"))
-  # Through JSON, as report.json holds it; train_seconds is a timing.
-  strip = lambda rep: [{k: {kk: vv for kk, vv in m.items() if kk != "train_seconds"}
-                        for k, m in s["methods"].items()}
-                       for s in json.loads(json.dumps(rep))["settings"]]
-  assert strip(a) == strip(b) and len(strip(a)) == 2
+  assert _without_timings(a) == _without_timings(b) and len(b["settings"]) == 2, kill_after
   assert a["fp32"] == b["fp32"]
-  assert json.load(open(tmp_path / "b" / "config.json")) == json.load(
-      open(os.path.join(workdir, "config.json")))
+  for s in ("w8a8_per_channel", "w4a8_per_channel"):
+    mine, theirs = (checkpoints.load(os.path.join(w, "checkpoints", s))[0]
+                    for w in (workdir, tmp_path / "b"))
+    jax.tree.map(np.testing.assert_array_equal, mine, theirs)
+  # The same outputs, and nothing of the interrupted run left over.
+  public = lambda w: sorted(f for f in os.listdir(w) if not f.startswith("events"))
+  assert public(tmp_path / "b") == [f for f in public(workdir)
+                                    if f not in ("export", "onnx_report.json")]
+
+
+def test_a_second_job_on_the_same_workdir_is_refused(float_ckpt, tmp_path):
+  from experiments import run_dir, train
+  work = tmp_path / "w"
+  with run_dir.lock(str(work)):
+    (work / "notes.txt").write_text("first job's")
+    with pytest.raises(run_dir.WorkdirBusy, match=f"pid {os.getpid()}"):
+      train.train_and_evaluate(smoke_config(float_ckpt), str(work))
+    assert sorted(os.listdir(work)) == [run_dir.LOCK, "notes.txt"]
 
 
 def test_toy_method_reaches_the_report(float_ckpt, tmp_path):
@@ -229,3 +279,27 @@ def test_toy_method_reaches_the_report(float_ckpt, tmp_path):
   on_disk = json.load(open(tmp_path / "report.json"))
   assert on_disk["settings"][0]["methods"]["ptq_alpha09"]["top1_pct"] == toy["top1_pct"]
   assert "| ptq_alpha09" in (tmp_path / "report.md").read_text().replace("**", "")
+
+
+def test_float_tensors_that_do_not_fit_the_model_are_named(float_ckpt):
+  """3-channel images with the 1-channel checkpoint: the first mismatched
+  tensor and both shapes, before anything runs."""
+  from experiments import train
+  from fat import models
+  name, kwargs, variables, _ = train.load_float(smoke_config(float_ckpt))
+  model = models.create(name, **kwargs)
+  train._check_shapes(model, variables, np.zeros((1, 28, 28, 1), np.float32), float_ckpt)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"'params/stem/conv/kernel' has shape \(3, 3, 1, 16\) in the "
+                           r"checkpoint but \(3, 3, 3, 16\) in the model"):
+    train._check_shapes(model, variables, np.zeros((1, 28, 28, 3), np.float32), float_ckpt)
+
+
+def test_a_batch_larger_than_the_data_is_clamped_and_recorded():
+  from experiments import train
+  config = default.get_config("smoke")
+  assert train.effective_config(config, 240) is config  # batch 32 fits: unchanged
+  config.fat.batch_size = 1000
+  clamped = train.effective_config(config, 240)
+  assert clamped.fat.batch_size == 240 and config.fat.batch_size == 1000
+  assert json.loads(clamped.to_json_best_effort())["fat"]["batch_size"] == 240  # config.json

@@ -92,3 +92,64 @@ def test_finished_report_only_for_the_same_config(tmp_path):
   config.seed = 0
   (tmp_path / "report.json").write_text("{not json")
   assert run_dir.finished_report(str(tmp_path), config) is None
+
+
+# --------------------------------------------------------------------------
+# run_dir.job: the lock, resume after an interruption, stale exports.
+# --------------------------------------------------------------------------
+
+
+def test_a_second_job_on_a_locked_workdir_is_refused(tmp_path):
+  work = tmp_path / "w"
+  with run_dir.job(str(work), {"config": 1}) as stage:
+    (tmp_path / "w" / run_dir.STAGE / "report.json").write_text("first")
+    with pytest.raises(run_dir.WorkdirBusy, match=rf"in use by another job \(pid {os.getpid()}\)"):
+      with run_dir.job(str(work), {"config": 1}):
+        pass
+    assert sorted(os.listdir(stage.path)) == ["report.json", run_dir.RESUME]  # untouched
+  assert sorted(os.listdir(work)) == ["report.json"]  # published; lock released
+  with run_dir.job(str(work), {"config": 1}):  # free again
+    pass
+
+
+def test_a_workdir_the_job_created_is_removed_when_it_fails(tmp_path):
+  with pytest.raises(FloatingPointError):
+    with run_dir.job(str(tmp_path / "w"), {}):
+      raise FloatingPointError("nan")
+  assert not (tmp_path / "w").exists()
+  (tmp_path / "file").write_text("")
+  with pytest.raises(OSError, match="cannot be written.*writable --workdir"):
+    with run_dir.job(str(tmp_path / "file" / "w"), {}):
+      pass
+
+
+def test_an_interrupted_job_resumes_with_the_same_key_only(tmp_path):
+  work = str(tmp_path)
+  with pytest.raises(KeyboardInterrupt):
+    with run_dir.job(work, {"seed": 0}) as stage:
+      assert not stage.resumed and stage.done("w8") is None
+      stage.finish("w8", {"top1": 91.5})
+      raise KeyboardInterrupt
+  assert os.listdir(tmp_path) == [run_dir.STAGE]  # kept for the next run
+  with pytest.raises(KeyboardInterrupt):
+    with run_dir.job(work, {"seed": 0}) as stage:
+      assert stage.resumed and stage.done("w8") == {"top1": 91.5}
+      raise KeyboardInterrupt
+  with run_dir.job(work, {"seed": 0}, fresh=True) as stage:  # --fresh: start over
+    assert not stage.resumed and stage.done("w8") is None
+    stage.finish("w8", {"top1": 90.0})
+  assert os.listdir(tmp_path) == []  # private records are not published
+  with pytest.raises(KeyboardInterrupt):
+    with run_dir.job(work, {"seed": 0}) as stage:
+      stage.finish("w8", {"top1": 91.5})
+      raise KeyboardInterrupt
+  with run_dir.job(work, {"seed": 1}) as stage:  # another config: not resumed
+    assert not stage.resumed and stage.done("w8") is None
+
+
+def test_publishing_a_setting_removes_its_old_export(tmp_path):
+  for name in ("w8", "w4"):
+    (tmp_path / "export" / name).mkdir(parents=True)
+  with run_dir.job(str(tmp_path), {}) as stage:
+    os.makedirs(os.path.join(stage.path, "checkpoints", "w8"))
+  assert os.listdir(tmp_path / "export") == ["w4"]

@@ -8,8 +8,11 @@ It writes the checkpoint to ``config.output`` (checkpoints/fashion_mnist/mobilen
 
 import ml_collections
 
+from configs import default
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  default.check_arg(arg)
   c = ml_collections.ConfigDict()
   c.job = "float"
   c.model = "mobilenet_v2"
@@ -31,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.train_examples = 0  # 0: the whole train split
   c.output = "checkpoints/fashion_mnist/mobilenet_v2"
+  c.checkpoint_every = 200  # steps between step checkpoints (a killed job resumes from one)
   if arg == "smoke":
     c.epochs = 1
     c.train_examples = 256

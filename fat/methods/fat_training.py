@@ -47,7 +47,9 @@ def run(ctx: Context) -> Result:
                        train_images=n, knob="config.fat.learning_rate",
                        log_every=ctx.config.log_every,
                        score=ctx.distill if cfg.keep_best else None,
-                       select_every=cfg.select_every, patience=cfg.patience)
+                       select_every=cfg.select_every, patience=cfg.patience,
+                       checkpoint_dir=ctx.method_checkpoints("fat"),
+                       checkpoint_every=ctx.config.checkpoint_every)
   out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
   return Result(out.variables, {**out.stats, "init": init}, out.losses)
 

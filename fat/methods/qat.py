@@ -32,7 +32,9 @@ def run(ctx: Context) -> Result:
   spec = loop.LoopSpec(name="qat", tag=ctx.setting.name,
                        steps_per_epoch=data.num_batches(len(train), cfg.batch_size, True),
                        epochs=cfg.epochs, train_images=len(train),
-                       knob="config.qat.learning_rate", log_every=ctx.config.log_every)
+                       knob="config.qat.learning_rate", log_every=ctx.config.log_every,
+                       checkpoint_dir=ctx.method_checkpoints("qat"),
+                       checkpoint_every=ctx.config.checkpoint_every)
   out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
   return Result(out.variables, out.stats, out.losses)
 

@@ -19,6 +19,7 @@ Kinds:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -53,6 +54,8 @@ class Context:
       images (no labels).
     results: variables of the methods already run for this setting, by name.
     writer: a clu metric writer, or None.
+    checkpoint_dir: a folder for the step checkpoints of trained methods
+      (each in its own subfolder, ``method_checkpoints``), or None: none.
   """
 
   config: ml_collections.ConfigDict
@@ -67,6 +70,11 @@ class Context:
   distill: Callable[[dict], float]
   results: dict
   writer: Any = None
+  checkpoint_dir: str | None = None
+
+  def method_checkpoints(self, method: str) -> str | None:
+    """The step-checkpoint folder of ``method`` on this setting (None: none)."""
+    return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, method)
 
   def calibration_batches(self):
     """``(batches, count)``: one pass over the calibration images."""
