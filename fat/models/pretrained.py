@@ -6,7 +6,9 @@ the quantized model can name it), for:
 
 * ``"keras"``: ``keras.applications.MobileNetV2`` ``.h5`` / ``.keras``;
 * ``"timm"``: timm ``mobilenetv2_100`` / ``mnasnet_100`` safetensors (``arch``);
-* ``"tf_mnasnet"``: the TF-hosted MNASNet checkpoints (tensorflow/tpu).
+* ``"tf_mnasnet"``: the TF-hosted MNASNet release (``path``: its ``*_frozen.pb``, the
+  folder it was extracted into, or the ``.tgz``) or a TF checkpoint (prefix or folder),
+  in the release's or tensorflow/tpu's naming (``fat.models.tf_mnasnet``).
 
 Which formats load which model is a column of ``fat.models.REGISTRY``.
 """
@@ -24,8 +26,8 @@ MODEL_FIELDS = ("num_classes", "width", "small_input", "padding", "bn_eps")
 
 
 def _exists(fmt: str, path: str) -> bool:
-  if fmt == "tf_mnasnet":  # a prefix (model.ckpt -> model.ckpt.index) or a folder
-    return os.path.isdir(path) or bool(glob.glob(glob.escape(path) + ".index"))
+  if fmt == "tf_mnasnet":  # a file (.pb, .tgz, .index), a folder, or a checkpoint prefix
+    return os.path.exists(path) or bool(glob.glob(glob.escape(path) + ".index"))
   return os.path.isfile(path)
 
 
