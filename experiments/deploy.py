@@ -1,7 +1,13 @@
 """Deployment stages after the main job: ONNX export and its verification.
 
     export(workdir, setting)  ->  workdir/export/<setting>/{model_int8,model_fp32}.onnx
+    export(workdir)           ->  the same for every setting ONNX can represent
     verify(workdir)           ->  workdir/onnx_report.json
+
+``model_int8.onnx`` is the QDQ model: 8-bit activations, int8 weights, or int4
+for settings of 2-4-bit weights (``fat.export_onnx``). A setting it cannot
+represent (activations not 8 bits, ...) is an ``ExportError`` naming the
+setting and the reason; ``export(workdir)`` skips it and says why.
 
 Both read the main job's per-setting checkpoint (``workdir/checkpoints/<setting>``),
 whose metadata names the model, the setting and the eval data. ``export.json``
@@ -63,23 +69,44 @@ def eval_split(meta: dict):
   return test.head(meta["eval_examples"])
 
 
-def export(workdir: str, setting: str | None = None) -> str:
-  """Writes the int8 QDQ and fp32 ONNX models of ``setting`` (default: the first);
-  returns their directory. Nothing is left behind on failure."""
-  setting = setting or setting_names(workdir)[0]
+def export(workdir: str, setting: str | None = None) -> tuple[list[str], dict[str, str]]:
+  """Writes the QDQ and fp32 ONNX models of ``setting``, or of every setting of
+  ``workdir`` when None: ``(the directories written, {setting skipped: reason})``.
+
+  A named setting ONNX cannot represent is an ``ExportError`` ("cannot export
+  setting 'x': <reason>"); with None such settings are skipped. Other errors (a
+  damaged checkpoint, missing data) raise either way. A failed setting leaves
+  nothing behind.
+  """
+  if setting is not None:
+    try:
+      return [_export(workdir, setting)], {}
+    except ExportError as e:
+      raise ExportError(f"cannot export setting {setting!r}: {e}") from e
+  written, skipped = [], {}
+  for name in setting_names(workdir):
+    try:
+      written.append(_export(workdir, name))
+    except ExportError as e:
+      skipped[name] = str(e)
+  return written, skipped
+
+
+def _export(workdir: str, setting: str) -> str:
   qmodel, qvars, meta = load_setting(workdir, setting)
   sample = next(eval_split(meta).batches(2))[0]
   nodes = graph.trace(qmodel, qvars, sample)
   shape = (None,) + sample.shape[1:]
-  int8, fp32 = export_onnx.to_qdq(nodes, shape), export_onnx.to_float(nodes, shape)
+  qdq, fp32 = export_onnx.to_qdq(nodes, shape), export_onnx.to_float(nodes, shape)
   out = os.path.join(workdir, EXPORT_DIR, setting)
   with atomic.staged_dir(out) as tmp:
-    onnx.save(int8, os.path.join(tmp, INT8))
+    onnx.save(qdq, os.path.join(tmp, INT8))
     onnx.save(fp32, os.path.join(tmp, FP32))
     atomic.write_json(os.path.join(tmp, EXPORT_JSON), {
         "setting": setting, "checkpoint_fingerprint": checkpoints.fingerprint(meta),
         "model": meta["model"], "model_kwargs": meta["model_kwargs"],
-        "opset": export_onnx.OPSET, "nodes": len(nodes),
+        "opset": export_onnx.opset(qdq), "weight_types": export_onnx.weight_types(qdq),
+        "nodes": len(nodes),
         "ops": {op: sum(n.op == op for n in nodes)
                 for op in ("quantize", "conv", "add", "mean", "dense")}})
   return out
@@ -114,24 +141,27 @@ def open_exported(make, path: str, workdir: str, setting: str):
                       f"--setting={setting}.") from e
 
 
-def check_fingerprint(workdir: str, setting: str, meta: dict) -> None:
-  """An ``ExportError`` unless ``export/<setting>`` came from the checkpoint now there."""
+def check_fingerprint(workdir: str, setting: str, meta: dict) -> dict:
+  """``export.json`` of ``export/<setting>``; an ``ExportError`` unless that export
+  came from the checkpoint now there."""
   path = os.path.join(workdir, EXPORT_DIR, setting, EXPORT_JSON)
   try:
     with open(path) as f:
-      recorded = json.load(f).get("checkpoint_fingerprint")
+      record = json.load(f)
+    recorded = record.get("checkpoint_fingerprint")
   except (OSError, ValueError, AttributeError):
-    recorded = None
+    record, recorded = {}, None
   if recorded != checkpoints.fingerprint(meta):
     raise ExportError(
         f"{os.path.dirname(path)!r} was not exported from the checkpoint now in "
         f"checkpoints/{setting} (the main job ran again since, or {EXPORT_JSON} is missing); "
         f"re-export it: python -m experiments.export --workdir={workdir} --setting={setting}")
+  return record
 
 
 def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   qmodel, qvars, meta = load_setting(workdir, setting)
-  check_fingerprint(workdir, setting, meta)
+  record = check_fingerprint(workdir, setting, meta)
   split = eval_split(meta)
   fmodel = calibrate.quantized(qmodel, (), stage="folded")
   folded = {"params": qvars["params"]}
@@ -157,14 +187,17 @@ def _verify_setting(workdir: str, setting: str, integer_examples: int) -> dict:
   ort_int8, ort_fp32, ref = (np.concatenate(a) for a in (ort_int8, ort_fp32, ref))
   labels = split.labels
   return {
-      "setting": setting, "eval_examples": len(split),
+      "setting": setting, "eval_examples": len(split), "opset": record.get("opset"),
+      "weight_types": record.get("weight_types"),
       "fake_quant": {"top1_pct": evaluate.top1_pct(fake, labels),
                      "report_top1_pct": meta.get("fake_quant_top1_pct")},
       "int8": {"top1_pct": evaluate.top1_pct(ort_int8, labels),
-               "agreement_pct": evaluate.agreement_pct(ort_int8, fake)},
+               "agreement_pct": evaluate.agreement_pct(ort_int8, fake),
+               "file_bytes": os.path.getsize(int8_path)},
       "fp32": {"top1_pct": evaluate.top1_pct(ort_fp32, labels),
                "agreement_pct": evaluate.agreement_pct(ort_fp32, flt),
-               "jax_top1_pct": evaluate.top1_pct(flt, labels)},
+               "jax_top1_pct": evaluate.top1_pct(flt, labels),
+               "file_bytes": os.path.getsize(fp32_path)},
       "integer_reference": {"examples": n_int,
                             "agreement_pct": evaluate.agreement_pct(ref, fake[:n_int]),
                             "ort_int8_agreement_pct": evaluate.agreement_pct(ref,

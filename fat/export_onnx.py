@@ -1,28 +1,35 @@
-"""ONNX export of a traced graph (``fat.graph``): int8 QDQ and float32.
+"""ONNX export of a traced graph (``fat.graph``): integer QDQ and float32.
 
-    model = export_onnx.to_qdq(nodes, input_shape)    # onnx.ModelProto, int8 QDQ
+    model = export_onnx.to_qdq(nodes, input_shape)    # onnx.ModelProto, QDQ
     model = export_onnx.to_float(nodes, input_shape)  # the same folded net in float32
 
 Both take NHWC float images (our data layout) named ``images`` and transpose
-to NCHW once. The QDQ model stores:
+to NCHW once. The QDQ model stores, for ``x = (q - zero_point) * scale``:
 
-* int8 (uint8 for asymmetric) weight initializers with per-channel or
-  per-tensor scales and zero points, behind ``DequantizeLinear``;
+* weight initializers ``q`` with per-channel (axis 0) or per-tensor scales and
+  zero points, behind ``DequantizeLinear``: int8 (uint8 for asymmetric grids)
+  for 5-8-bit weights, int4 (uint4) for 2-4-bit ones; a k-bit symmetric grid
+  [-(2^(k-1) - 1), 2^(k-1) - 1] fits int4 for k <= 4, an asymmetric one
+  [0, 2^k - 1] fits uint4;
 * int32 biases at scale ``scale_in * scale_w`` behind ``DequantizeLinear``;
 * ``QuantizeLinear`` -> ``DequantizeLinear`` on every activation the
-  simulation quantizes, with our trained scales and zero points.
+  simulation quantizes, with our trained scales and zero points (8-bit only).
 
-ONNX Runtime fuses these patterns into integer kernels (QLinearConv,
-QLinearAdd, QLinearGlobalAveragePool, ...). Grids ONNX cannot hold exactly
-(not 8 bits; a zero point outside the storage type) raise ``ExportError``.
-Activations are stored as uint8 (signed grids shifted by a zero point of
-128). One known difference: there the saturation is at -128 steps, our
-symmetric grid's at -127, so a signed activation below its clipped range
-lands one step lower.
+Opset: 17 (IR 8, read by every ONNX Runtime since 1.13) for graphs of 8-bit
+weights; 21 (IR 10), where ``DequantizeLinear`` takes int4/uint4, as soon as
+one weight is stored in 4 bits. ONNX Runtime fuses the 8-bit patterns into
+integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ...);
+int4 weights it dequantizes to float and convolves in float. Grids ONNX
+cannot hold exactly (activations not 8 bits; weights wider than 8 bits; a zero
+point outside the storage type) raise ``ExportError``. Activations are stored
+as uint8 (signed grids shifted by a zero point of 128). One known difference:
+there the saturation is at -128 steps, our symmetric grid's at -127, so a
+signed activation below its clipped range lands one step lower.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -30,45 +37,67 @@ from onnx import TensorProto, helper, numpy_helper
 from fat.graph import ExportError, Grid, Node
 from fat.integer import bias_int32
 
-OPSET = 17
-IR_VERSION = 8  # the IR version of opset 17; read by every ONNX Runtime since 1.13
-_INT8, _UINT8 = (-128, 127), (0, 255)
+OPSET, IR_VERSION = 17, 8            # 8-bit weights: every ONNX Runtime since 1.13
+OPSET_INT4, IR_VERSION_INT4 = 21, 10  # int4/uint4 initializers (DequantizeLinear-21)
+# Storage types by width: (name, lo, hi, ONNX element type, numpy dtype).
+_TYPES = {
+    4: (("int4", -8, 7, TensorProto.INT4, ml_dtypes.int4),
+        ("uint4", 0, 15, TensorProto.UINT4, ml_dtypes.uint4)),
+    8: (("int8", -128, 127, TensorProto.INT8, np.int8),
+        ("uint8", 0, 255, TensorProto.UINT8, np.uint8)),
+}
 
 
-def storage(grid: Grid, what: str) -> tuple[int, type]:
-  """The ONNX element type and numpy dtype holding an 8-bit ``grid``, or ExportError.
+def grid_bits(grid: Grid) -> int:
+  """The width of ``grid``: ceil(log2(qmax - qmin + 1)), e.g. 4 for [-7, 7] and [0, 15]."""
+  return int(np.ceil(np.log2(grid.qmax - grid.qmin + 1)))
 
-  Only 8-bit grids are exported: a narrower grid would fit the storage type,
-  but QuantizeLinear would clip activations to the 8-bit range, not to it.
+
+def storage(grid: Grid, what: str, weights: bool = False) -> tuple[int, type]:
+  """The ONNX element type and numpy dtype holding ``grid``, or ExportError.
+
+  Activations: 8-bit grids only. A narrower grid would fit the storage type,
+  but QuantizeLinear would clip activations to the storage type's range, not
+  to the grid's, and ONNX Runtime's integer kernels take 8-bit activations.
+  Weights are constants already on their grid, stored exactly: 2-4-bit grids
+  in int4/uint4, 5-8-bit ones in int8/uint8.
   """
   zp = np.asarray(grid.zero_point)
-  if not 254 <= grid.qmax - grid.qmin <= 255:
+  bits = grid_bits(grid)
+  if not weights and bits != 8:
     raise ExportError(
-        f"{what}: the grid [{grid.qmin}, {grid.qmax}] is not 8 bits wide; ONNX int8 "
-        "export needs 8-bit quantizers (weight_bits=8 and act_bits=8).")
-  for lo_hi, onnx_type, dtype in ((_INT8, TensorProto.INT8, np.int8),
-                                  (_UINT8, TensorProto.UINT8, np.uint8)):
-    lo, hi = lo_hi
+        f"{what}: activations on a {bits}-bit grid [{grid.qmin}, {grid.qmax}]; ONNX export "
+        "needs 8-bit activations (act_bits=8; weights may have 2-8 bits): QuantizeLinear "
+        "clips to its 8-bit storage range, not to a narrower grid.")
+  if bits > 8:
+    raise ExportError(
+        f"{what}: the {bits}-bit grid [{grid.qmin}, {grid.qmax}] is wider than int8; "
+        "ONNX export needs weights of 2-8 bits.")
+  types = _TYPES[4 if weights and bits <= 4 else 8]
+  # A signed grid in the signed type, an unsigned one ([0, 2^k - 1]) in the unsigned.
+  for _, lo, hi, onnx_type, dtype in (types if grid.qmin < 0 else types[::-1]):
     if lo <= grid.qmin and grid.qmax <= hi and np.all((zp >= lo) & (zp <= hi)):
       return onnx_type, dtype
+  name, lo, hi = types[1][:3]
   if grid.qmin >= 0:
-    # An asymmetric grid [0, 255] holds (k - zero_point) * scale: 0 is on it only
-    # for a zero point in [0, 255].
-    bad = np.flatnonzero(np.ravel((zp < 0) | (zp > 255)))
+    # An asymmetric grid [0, 2^k - 1] holds (q - zero_point) * scale: 0 is on it
+    # only for a zero point in [0, 2^k - 1], which the unsigned type holds.
+    bad = np.flatnonzero(np.ravel((zp < lo) | (zp > hi)))
     raise ExportError(
         f"{what}: 0 is not on the trained grid ({bad.size} of {zp.size} channel(s), e.g. "
-        f"channel {bad[0]} with zero point {np.ravel(zp)[bad[0]]}), so no uint8 zero point "
+        f"channel {bad[0]} with zero point {np.ravel(zp)[bad[0]]}), so no {name} zero point "
         "represents it. Training moved the range off 0 (beta above its start, or alpha "
         "below it for a range that ends at 0); retrain with config.fat.beta_range's upper "
         "end at 0.0, or quantize this layer symmetrically.")
   raise ExportError(
       f"{what}: the grid [{grid.qmin}, {grid.qmax}] with zero point(s) in "
-      f"[{zp.min()}, {zp.max()}] is not an int8 or uint8 grid.")
+      f"[{zp.min()}, {zp.max()}] is not an {types[0][0]} or {name} grid.")
 
 
 class _Builder:
   def __init__(self):
     self.nodes, self.inits = [], []
+    self.low_bit = False  # an int4/uint4 initializer: opset 21
 
   def init(self, name: str, array: np.ndarray) -> str:
     self.inits.append(numpy_helper.from_array(np.asarray(array), name))
@@ -94,9 +123,11 @@ class _Builder:
     return self.op("DequantizeLinear", [q, scale, zp], f"{name}/dq")
 
   def dequantized(self, name: str, q: np.ndarray, scale, zero_point, onnx_dtype) -> str:
-    """An integer initializer behind DequantizeLinear (per channel on axis 0)."""
+    """An integer initializer behind DequantizeLinear (per channel on axis 0);
+    onnx packs int4/uint4 two to a byte."""
     scale = np.asarray(scale, np.float32)
     attrs = {"axis": 0} if scale.ndim else {}
+    self.low_bit |= onnx_dtype in (ml_dtypes.int4, ml_dtypes.uint4)
     self.init(f"{name}/int", q.astype(onnx_dtype))
     self.init(f"{name}/scale", scale)
     self.init(f"{name}/zero_point", np.asarray(zero_point).astype(onnx_dtype))
@@ -124,7 +155,7 @@ def _conv(b: _Builder, node: Node, x: str, in_grid: Grid | None) -> str:
     bias = b.init(f"{node.name}/bias", a["bias"].astype(np.float32))
   else:
     wg = a["w_grid"]
-    _, wdtype = storage(wg, f"{node.name} weights")
+    _, wdtype = storage(wg, f"{node.name} weights", weights=True)
     w = b.dequantized(f"{node.name}/weight", _oihw(a["q_weight"], node.op),
                       wg.scale, wg.zero_point, wdtype)
     bias_scale = np.float32(in_grid.scale) * wg.scale.astype(np.float32)
@@ -180,22 +211,38 @@ def _build(nodes: list[Node], input_shape, quantized: bool) -> onnx.ModelProto:
   n, h, w, c = input_shape
   num_classes = nodes[-1].attrs["weight"].shape[-1]
   graph = helper.make_graph(
-      b.nodes, "fat_int8_qdq" if quantized else "fat_fp32",
+      b.nodes, "fat_qdq" if quantized else "fat_fp32",
       [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", h, w, c])],
       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
       initializer=b.inits)
-  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+  opset, ir_version = (OPSET_INT4, IR_VERSION_INT4) if b.low_bit else (OPSET, IR_VERSION)
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                             producer_name="fat")
-  model.ir_version = IR_VERSION
+  model.ir_version = ir_version
   onnx.checker.check_model(model, full_check=True)
   return model
 
 
 def to_qdq(nodes: list[Node], input_shape) -> onnx.ModelProto:
-  """The int8 QDQ model of the traced graph."""
+  """The QDQ model of the traced graph: 8-bit activations, int8 or int4 weights."""
   return _build(nodes, input_shape, quantized=True)
 
 
 def to_float(nodes: list[Node], input_shape) -> onnx.ModelProto:
   """The float32 model of the same folded weights (no quantization)."""
   return _build(nodes, input_shape, quantized=False)
+
+
+def opset(model: onnx.ModelProto) -> int:
+  """The default-domain opset ``model`` imports."""
+  return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def weight_types(model: onnx.ModelProto) -> dict[str, int]:
+  """``{storage type name: count}`` of the weight initializers of a QDQ model."""
+  names = {t[3]: t[0] for ts in _TYPES.values() for t in ts}
+  counts = {}
+  for t in model.graph.initializer:
+    if t.name.endswith("weight/int"):
+      counts[names[t.data_type]] = counts.get(names[t.data_type], 0) + 1
+  return dict(sorted(counts.items()))

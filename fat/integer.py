@@ -3,8 +3,9 @@
 What an int8 runtime does, written out (Jacob et al. 2018, as in TFLite's
 reference kernels):
 
-* conv / dense: int8 x int8 products accumulated in int32, plus the int32 bias
-  ``round(b / (scale_in * scale_w))``;
+* conv / dense: int8 x int8 products (int4 x int8 for 2-4-bit weights: the
+  same arithmetic on a narrower weight grid) accumulated in int32, plus the
+  int32 bias ``round(b / (scale_in * scale_w))``;
 * requantization by a fixed-point multiplier: ``M = scale_in * scale_w /
   scale_out = M0 * 2^-n`` with a 31-bit ``M0``, a 64-bit product and one
   rounding right shift; ReLU/ReLU6 become a clamp on the grid;

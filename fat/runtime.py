@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 # Integer kernels ORT runs for QDQ patterns, and the float ops that would mean a fallback.
+# int4 weights (opset 21) are such a fallback: ORT dequantizes them and runs a float Conv.
 INT8_OPS = ("QLinearConv", "ConvInteger", "QLinearAdd", "QLinearGlobalAveragePool",
             "QLinearMatMul", "MatMulInteger", "QGemm")
 FLOAT_COMPUTE_OPS = ("Conv", "Add", "GlobalAveragePool", "Gemm", "MatMul", "FusedConv",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import REPO, run_main, run_module, smoke_config, smoke_flags
+from conftest import REPO, run_main, run_module, run_parallel, smoke_config, smoke_flags
 from fat import checkpoints
 
 pytestmark = pytest.mark.slow
@@ -152,25 +152,42 @@ def test_settings_share_activation_ranges(float_ckpt, monkeypatch):
 
 
 def test_export_and_verify_onnx(smoke_run, tmp_path):
-  """The deployment commands on the smoke main job's output."""
+  """The deployment commands on the smoke main job's output: export with no
+  --setting writes both settings (W4A8 with int4 weights), verify reports both."""
   workdir, report = smoke_run
-  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=w8a8_per_channel")
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = os.path.join(workdir, "export", "w8a8_per_channel")
-  for name in ("model_int8.onnx", "model_fp32.onnx", "export.json"):
-    assert os.path.isfile(os.path.join(out, name)), name
+  r = run_module("experiments.export", f"--workdir={workdir}")
+  assert r.returncode == 0 and "skipped" not in r.stderr, r.stderr[-3000:]
+  names = ["w4a8_per_channel", "w8a8_per_channel"]
+  for setting in names:
+    out = os.path.join(workdir, "export", setting)
+    assert f"wrote {out}: model_int8.onnx (" in r.stdout, r.stdout
+    for name in ("model_int8.onnx", "model_fp32.onnx", "export.json"):
+      assert os.path.isfile(os.path.join(out, name)), name
   r = run_module("experiments.verify_onnx", f"--workdir={workdir}", "--integer_examples=200")
   assert r.returncode == 0, r.stderr[-3000:]
   onnx_report = json.load(open(os.path.join(workdir, "onnx_report.json")))
-  (s,) = onnx_report["settings"]
-  assert s["setting"] == "w8a8_per_channel" and s["eval_examples"] == 200
-  fat_top1 = report["settings"][0]["methods"]["fat"]["top1_pct"]
-  assert s["fake_quant"]["top1_pct"] == fat_top1 == s["fake_quant"]["report_top1_pct"]
-  assert s["int8_ops"]["QLinearConv"] == 53 and not s["float_fallback_ops"]
-  assert s["int8"]["agreement_pct"] >= 95.0
-  assert abs(s["int8"]["top1_pct"] - fat_top1) <= 2.0
-  assert s["fp32"]["agreement_pct"] >= 99.0
-  assert s["integer_reference"]["ort_int8_agreement_pct"] >= 95.0
+  by_name = {s["setting"]: s for s in onnx_report["settings"]}
+  assert sorted(by_name) == names
+  fat = {s["name"]: s["methods"]["fat"]["top1_pct"] for s in report["settings"]}
+  for setting, s in by_name.items():
+    assert s["eval_examples"] == 200
+    assert s["fake_quant"]["top1_pct"] == fat[setting] == s["fake_quant"]["report_top1_pct"]
+    assert s["int8"]["agreement_pct"] >= 95.0, setting
+    assert abs(s["int8"]["top1_pct"] - fat[setting]) <= 2.0, setting
+    assert s["fp32"]["agreement_pct"] >= 99.0
+    assert s["integer_reference"]["ort_int8_agreement_pct"] >= 95.0, setting
+    for key, name in (("int8", "model_int8.onnx"), ("fp32", "model_fp32.onnx")):
+      path = os.path.join(workdir, "export", setting, name)
+      assert s[key]["file_bytes"] == os.path.getsize(path)
+  w8, w4 = by_name["w8a8_per_channel"], by_name["w4a8_per_channel"]
+  assert w8["opset"] == 17 and w8["weight_types"] == {"int8": 53}
+  assert w8["int8_ops"]["QLinearConv"] == 53 and not w8["float_fallback_ops"]
+  # int4 weights at opset 21: ORT dequantizes them and convolves in float.
+  assert w4["opset"] == 21 and w4["weight_types"] == {"int4": 53}
+  assert w4["int8_ops"]["QLinearAdd"] == 10 and w4["float_fallback_ops"]
+  # Two weights a byte; scales, zero points and int32 biases stay as they were
+  # (0.65 of the W8A8 file at width 0.35, 0.57 at width 1: docs/deployment.md).
+  assert w4["int8"]["file_bytes"] < 0.7 * w8["int8"]["file_bytes"] < w8["fp32"]["file_bytes"]
   # A checkpoint saved after the export (the main job ran again) makes it stale.
   from experiments import deploy
   from fat.errors import ExportError
@@ -186,11 +203,35 @@ def test_export_and_verify_onnx(smoke_run, tmp_path):
 
 
 def test_export_refusals(smoke_run, tmp_path):
+  """A setting ONNX cannot represent (4-bit activations: the W8A8 checkpoint under
+  act_bits=4) is skipped with one line naming it and the reason, or is the error
+  when asked for by name; a workdir with nothing exportable exits 2."""
   workdir, _ = smoke_run
-  r = run_module("experiments.export", f"--workdir={workdir}", "--setting=w4a8_per_channel")
-  assert r.returncode != 0 and "8-bit quantizers" in r.stderr, r.stderr[-2000:]
-  assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel"))
-  assert not os.path.exists(os.path.join(workdir, "export", "w4a8_per_channel.tmp"))
+  both, only = tmp_path / "both" / "checkpoints", tmp_path / "only" / "checkpoints"
+  shutil.copytree(os.path.join(workdir, "checkpoints", "w8a8_per_channel"),
+                  both / "w8a8_per_channel")
+  variables, meta = checkpoints.load(str(both / "w8a8_per_channel"))
+  meta = {**meta, "setting": "w8a4_per_channel",
+          "config": {**meta["config"], "name": "w8a4_per_channel", "act_bits": 4}}
+  checkpoints.save(str(both / "w8a4_per_channel"), variables, meta)
+  shutil.copytree(both / "w8a4_per_channel", only / "w8a4_per_channel")
+  skip, named, none = run_parallel([
+      ["experiments.export", f"--workdir={both.parent}"],
+      ["experiments.export", f"--workdir={both.parent}", "--setting=w8a4_per_channel"],
+      ["experiments.export", f"--workdir={only.parent}"]])
+  reason = ("input_q: activations on a 4-bit grid [-7, 7]; ONNX export needs 8-bit "
+            "activations (act_bits=8")
+  assert skip.returncode == 0, skip.stderr[-2000:]
+  lines = [line for line in skip.stderr.splitlines() if line.startswith("skipped")]
+  assert len(lines) == 1 and lines[0].startswith(f"skipped w8a4_per_channel: {reason}"), lines
+  assert sorted(os.listdir(both.parent / "export")) == ["w8a8_per_channel"]
+  assert named.returncode == 2, named.stderr[-2000:]
+  errors = [line for line in named.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      f"error: cannot export setting 'w8a4_per_channel': {reason}"), named.stderr[-2000:]
+  assert none.returncode == 2 and f"skipped w8a4_per_channel: {reason}" in none.stderr
+  assert "error: no setting under" in none.stderr, none.stderr[-2000:]
+  assert not os.path.exists(only.parent / "export" / "w8a4_per_channel")
   # The other refusals in-process: the same messages, without a JAX start each.
   from experiments import deploy
   with pytest.raises(checkpoints.CheckpointError, match="no setting 'nope'"):
