@@ -51,6 +51,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # required); add "qat" for the full-QAT baseline (configs/fashion_mnist/*_qat.py).
   c.methods = ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat")
   c.percentile = 99.99
+  # Mutual rescaling (DFQ cross-layer equalization, fat/equalize.py) of the
+  # folded params before quantization: conv pairs joined by ReLU, ReLU6 (bounded
+  # by the calibration maxima) or no activation, e.g. depthwise -> project. The
+  # fp32 row and FAT's teacher keep the unrescaled params.
+  c.equalize = False
+  # DFQ's empirical bias correction (fat/bias_correction.py) of every PTQ
+  # method's variables on the calibration images; FAT starts from them.
+  c.bias_correction = False
   c.settings = [
       setting("w8a8_per_channel", 8, 8, True),
       setting("w8a8_per_tensor", 8, 8, False),

@@ -26,6 +26,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.positive_int(name, config[name])
   if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
+  for name in ("equalize", "bias_correction"):
+    checks.boolean(name, config.get(name, False))
   fat = config.fat
   checks.fraction("fat.train_fraction", fat.train_fraction)
   methods.validate(config)

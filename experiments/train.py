@@ -25,8 +25,8 @@ from absl import logging
 from clu import metric_writers
 from tqdm import tqdm
 
-from fat import (atomic, checkpoints, data, evaluate, fold, methods, models, pipeline, plots, report,
-                 steps)
+from fat import (atomic, checkpoints, data, equalize, evaluate, fold, methods, models, pipeline,
+                 plots, report, steps)
 from fat.calibrate import SharedRanges, quantized
 from fat.layers import TRAINABLE_COLLECTION
 from fat.models import pretrained
@@ -111,6 +111,12 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
   model = models.create(name, **model_kwargs)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   folded = fold.fold_variables(float_vars, model.bn_eps)
+  # Mutual rescaling (config.equalize) feeds the quantized models only; the fp32
+  # row and the teacher keep the folded params (exact on the calibration images,
+  # not on every image across ReLU6: fat/equalize.py).
+  qfolded = (equalize.equalize_images(model, folded, splits["calib"],
+                                      batch_size=config.calibration_batch_size)
+             if config.get("equalize", False) else folded)
   fmodel = quantized(model, (), stage="folded")
   evaluator = evaluate.Evaluator(splits["test"], config.eval_batch_size)
   fp32, evaluator.reference = evaluator(evaluate.make_predict(fmodel.apply), folded, "fp32")
@@ -121,7 +127,7 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
          "calibration_images": len(splits["calib"]), "seed": config.seed, "settings": []}
   if "paper" in config:
     out["paper"] = config.paper.to_dict()
-  ranges = SharedRanges(folded["params"], splits["calib"],
+  ranges = SharedRanges(qfolded["params"], splits["calib"],
                         batch_size=config.calibration_batch_size, percentile=config.percentile)
   meta = {"model": name, "model_kwargs": model_kwargs, "dataset": config.dataset,
           "data_dir": config.data_dir, "preprocess": config.preprocess,
@@ -133,7 +139,7 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
     if done is not None:  # finished before an interruption
       entry, losses, variables = done["entry"], done["losses"], checkpoints.load(path)[0]
     else:
-      entry, variables, losses = run_setting(s, config, model, folded, splits, teacher,
+      entry, variables, losses = run_setting(s, config, model, qfolded, splits, teacher,
                                              evaluator, writer, ranges, stage.steps_dir(s.name))
       checkpoints.save(path, variables,
                        {**meta, "setting": s.name, "config": s.to_dict(),
@@ -146,7 +152,7 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
   writer.close()
   report.validate_report(out)
   plots.plot_thresholds(os.path.join(workdir, "thresholds.png"), thresholds)
-  plots.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"), folded["params"])
+  plots.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"), qfolded["params"])
   plots.plot_losses(os.path.join(workdir, "loss.png"), curves)
   atomic.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   report.write_report(workdir, out)

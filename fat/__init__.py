@@ -2,10 +2,11 @@
 
 The data path, one module per arrow:
 
-  float params (models, checkpoints) -> fold BN (fold) -> quantized model and
-  calibration (pipeline, calibrate; layers, quant, rules) -> methods: PTQ, FAT,
-  QAT (methods, steps, loop, schedules) -> evaluation (evaluate) -> report
-  (report, plots) -> export (graph, export_onnx, integer).
+  float params (models, checkpoints) -> fold BN (fold) -> optional mutual
+  rescaling (equalize) -> quantized model and calibration (pipeline, calibrate;
+  layers, quant, rules) -> methods: PTQ with optional bias correction
+  (bias_correction), FAT, QAT (methods, steps, loop, schedules) -> evaluation
+  (evaluate) -> report (report, plots) -> export (graph, export_onnx, integer).
 
 The names a user calls are re-exported here (optax style)::
 
@@ -15,9 +16,11 @@ The names a user calls are re-exported here (optax style)::
     p = fat.prepare(model, float_vars, rules, calib_images)
 """
 
-from fat import (atomic, calibrate, checkpoints, data, depthwise, errors, evaluate, fold,
-                 layers, loop, methods, models, pipeline, plots, quant, report, rules,
-                 schedules, steps, variables)
+from fat import (atomic, bias_correction, calibrate, checkpoints, data, depthwise, equalize,
+                 errors, evaluate, fold, layers, loop, methods, models, pipeline, plots, quant,
+                 report, rules, schedules, steps, variables)
+from fat.bias_correction import correct_biases
+from fat.equalize import channel_maxima, equalize_images
 from fat.evaluate import agreement_pct, logits, make_predict, mcnemar, predict, top1_pct
 from fat.fold import fold_variables
 from fat.loop import LoopSpec, train
@@ -30,14 +33,16 @@ from fat.variables import FAT_TRAINABLE, QAT_TRAINABLE, Partition, partition
 
 __all__ = [
     # modules
-    "atomic", "calibrate", "checkpoints", "data", "depthwise", "errors", "evaluate", "fold",
-    "layers", "loop", "methods", "models", "pipeline", "plots", "quant", "report", "rules",
-    "schedules", "steps", "variables",
+    "atomic", "bias_correction", "calibrate", "checkpoints", "data", "depthwise", "equalize",
+    "errors", "evaluate", "fold", "layers", "loop", "methods", "models", "pipeline", "plots",
+    "quant", "report", "rules", "schedules", "steps", "variables",
     # quantizers and rules
     "QuantParams", "QuantSpec", "fake_quant", "QuantRule", "uniform_rules",
     # the pipeline
     "Prepared", "Setting", "config_rules", "fold_variables", "prepare", "quantize",
     "setting_rules",
+    # mutual rescaling and bias correction
+    "channel_maxima", "correct_biases", "equalize_images",
     # training
     "FAT_TRAINABLE", "QAT_TRAINABLE", "LoopSpec", "Partition", "distillation_loss",
     "fat_optimizer", "make_fat_step", "make_qat_step", "partition", "train",

@@ -7,24 +7,37 @@
 * ``ptq_mse``: from min/max ranges, each quantizer's alpha is the value on a
   grid over ``alpha_range`` with the least squared quantization error
   (``fat.calibrate.mse_search``; weights per channel when per-channel).
+
+With ``config.bias_correction``, each method's variables then get DFQ's
+empirical bias correction on the calibration images
+(``fat.bias_correction.correct_biases``), so FAT, which starts from the best PTQ
+variant, starts from corrected biases too.
 """
 
 from __future__ import annotations
 
-from fat import calibrate
+from fat import bias_correction, calibrate
 from fat.methods.registry import PTQ, Context, Method, Result, register
+
+
+def _corrected(variables: dict, ctx: Context) -> Result:
+  """``variables`` as a Result, bias-corrected when ``config.bias_correction``."""
+  if ctx.config.get("bias_correction", False):
+    variables = bias_correction.correct_biases(ctx.qmodel, variables, ctx.calib,
+                                               batch_size=ctx.config.calibration_batch_size)
+  return Result(variables)
 
 
 def _from_ranges(statistic: str):
   def run(ctx: Context) -> Result:
-    return Result(calibrate.with_ranges(ctx.variables, ctx.act_ranges(statistic)))
+    return _corrected(calibrate.with_ranges(ctx.variables, ctx.act_ranges(statistic)), ctx)
   return run
 
 
 def _mse(ctx: Context) -> Result:
   start = calibrate.with_ranges(ctx.variables, ctx.act_ranges("minmax"))
   batches, num = ctx.calibration_batches()
-  return Result(calibrate.mse_search(ctx.qmodel, start, batches, num_batches=num))
+  return _corrected(calibrate.mse_search(ctx.qmodel, start, batches, num_batches=num), ctx)
 
 
 def _check_percentile(config) -> None:
