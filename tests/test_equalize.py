@@ -142,8 +142,8 @@ def test_tiny_net_keeps_its_function_float32():
   assert np.mean(moved > 1e-3) > 0.5   # rescaling did something
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("mnasnet",
-                                                               marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mnasnet"])
 def test_network_keeps_its_function(name):
   """Each whole network, in float64: logits unchanged on the calibration images
   (ReLU6 is bounded by their maxima); MNASNet's ReLU pairs are exact on any image."""
@@ -181,6 +181,7 @@ def test_network_keeps_its_function(name):
         np.testing.assert_allclose(r1[free], r2[free], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_equalizing_helps_per_tensor_weights():
   """What it is for: 4-bit per-tensor weights (float activations) of tiny_net
   lose less of the float logits after rescaling."""

@@ -53,6 +53,7 @@ def test_setting_rejects_unsigned_weights():
     Setting(name="s", weight_bits=8, act_bits=8, per_channel=True, weight_kind="unsigned")
 
 
+@pytest.mark.slow  # a whole MobileNet-v2 calibrated twice
 def test_prepare_equals_the_sequence_it_names():
   """prepare = fold -> quantized model -> initial variables -> calibration,
   with a split or an array of images, in batches."""

@@ -199,6 +199,7 @@ def release(request, tmp_path_factory):
               logits=logits, loaded=pretrained.load("tf_mnasnet", pb))
 
 
+@pytest.mark.slow
 def test_every_release_tensor_lands_in_its_place(release):
   name, kwargs, variables = release["loaded"]
   assert name == "mnasnet" and "tf_mnasnet" in models.REGISTRY[name].pretrained
@@ -215,6 +216,7 @@ def test_every_release_tensor_lands_in_its_place(release):
     np.testing.assert_array_equal(ours[key], want, err_msg=src)
 
 
+@pytest.mark.slow
 def test_every_path_to_the_release_imports_the_same(release):
   ref = flat(release["loaded"][2])
   index = release["ckpt"] + ".index"
@@ -227,6 +229,7 @@ def test_every_path_to_the_release_imports_the_same(release):
       np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{path}: {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("release", [0.5], indirect=True, ids=["0.5-224"])
 def test_release_logits_match_the_frozen_graph(release):
   """One forward (the 1.0 graph's variables are checked tensor by tensor above)."""
@@ -239,6 +242,7 @@ def test_release_logits_match_the_frozen_graph(release):
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_plain_bn_scopes_are_accepted():
   """BN fields directly in their scope (``.../bn0_0/gamma``), no ``tf_layer``."""
   tensors = release_tensors(0.5, 10)
