@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import signal
-from typing import Any, ContextManager, Iterator
+from typing import Any, Iterator
 
 import jax
 from absl import logging
@@ -196,14 +196,6 @@ def job(workdir: str, key: Any, fresh: bool = False) -> Iterator[Stage]:
       raise
     _publish(stage, workdir)
     shutil.rmtree(stage, ignore_errors=True)
-
-
-def staged(workdir: str) -> ContextManager[str]:
-  """Yields a fresh folder to write into; publishes it into ``workdir`` on success
-  and removes it on any failure (for jobs that do not resume)."""
-  pid = jax.process_index()
-  stage = os.path.join(workdir, STAGE if pid == 0 else f"{STAGE}-{pid}")
-  return atomic.staging(stage, (lambda s: _publish(s, workdir)) if pid == 0 else None)
 
 
 def finished_report(workdir: str, config) -> dict | None:

@@ -138,6 +138,19 @@ def tiny_net(num_classes=10, **kwargs):
   return TinyNet(num_classes=num_classes, **kwargs)
 
 
+def assert_integer_layers_match(nodes, acts, x, min_equal=0.999):
+  """Each integer op of ``fat.integer``, given the simulation's integer inputs,
+  reproduces the simulation's grid indices: within one step everywhere and at
+  least ``min_equal`` of them exactly."""
+  from fat import integer  # pylint: disable=import-outside-toplevel
+  equal = total = 0
+  for name, d in integer.layer_differences(nodes, acts, x).items():
+    assert d.max() <= 1, name
+    equal += int((d == 0).sum())
+    total += d.size
+  assert equal / total >= min_equal, equal / total
+
+
 # --------------------------------------------------------------------------
 # Independent references of the quantizer (METHOD.md section 1), shared by
 # the quantizer, layer and step tests.

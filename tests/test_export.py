@@ -18,7 +18,7 @@ import jax.extend
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_net
+from conftest import assert_integer_layers_match, tiny_net
 from onnx import numpy_helper
 
 from fat import (calibrate, checkpoints, data, export_onnx, fold, graph, integer, models,
@@ -250,12 +250,7 @@ def test_integer_reference_layer_by_layer(traced):
   """Each integer op, given the simulation's integer inputs, reproduces the
   simulation's grid indices: >= 99.9% equal, the rest within 1 step."""
   _, _, _, x, nodes, acts = traced
-  equal = total = 0
-  for name, d in integer.layer_differences(nodes, acts, x).items():
-    assert d.max() <= 1, name
-    equal += int((d == 0).sum())
-    total += d.size
-  assert equal / total >= 0.999, equal / total
+  assert_integer_layers_match(nodes, acts, x)
 
 
 def test_integer_reference_end_to_end(traced):
@@ -359,12 +354,7 @@ def test_integer_reference_at_4_bits(tiny_w4a8):
   qmodel, qvars, x, nodes, acts = tiny_w4a8
   assert {(n.attrs["w_grid"].qmin, n.attrs["w_grid"].qmax) for n in _weight_nodes(nodes)} \
       == {(-7, 7)}
-  equal = total = 0
-  for name, d in integer.layer_differences(nodes, acts, x).items():
-    assert d.max() <= 1, name
-    equal += int((d == 0).sum())
-    total += d.size
-  assert equal / total >= 0.999, equal / total
+  assert_integer_layers_match(nodes, acts, x)
   sim = np.asarray(jax.jit(qmodel.apply)(qvars, x))
   assert np.mean(integer.logits(nodes, x).argmax(-1) == sim.argmax(-1)) >= 0.95
 

@@ -1,4 +1,4 @@
-"""A run's outputs reach the workdir only when it succeeds (experiments/run_dir.py), and
+"""A run's outputs reach the workdir only when it succeeds (experiments/run_dir.py job), and
 a folder written with fat.atomic.staged_dir appears whole or not at all."""
 
 import os
@@ -13,7 +13,8 @@ def test_success_publishes_and_replaces_older_outputs(tmp_path):
   (tmp_path / "checkpoints" / "old_setting").mkdir(parents=True)
   (tmp_path / "report.json").write_text("old")
   (tmp_path / "export").mkdir()  # not written by this run: kept
-  with run_dir.staged(str(tmp_path)) as stage:
+  with run_dir.job(str(tmp_path), {}) as job:
+    stage = job.path
     assert stage == os.path.join(str(tmp_path), run_dir.STAGE)
     os.makedirs(os.path.join(stage, "checkpoints", "w8"))
     with open(os.path.join(stage, "report.json"), "w") as f:
@@ -26,7 +27,8 @@ def test_success_publishes_and_replaces_older_outputs(tmp_path):
 def test_failure_leaves_the_workdir_as_it_was(tmp_path):
   (tmp_path / "report.json").write_text("old")
   with pytest.raises(FloatingPointError, match="boom"):
-    with run_dir.staged(str(tmp_path)) as stage:
+    with run_dir.job(str(tmp_path), {}) as job:
+      stage = job.path
       with open(os.path.join(stage, "events.out.tfevents.1"), "w") as f:
         f.write("x")
       os.makedirs(os.path.join(stage, "checkpoints", "w8"))
@@ -38,8 +40,9 @@ def test_failure_leaves_the_workdir_as_it_was(tmp_path):
 def test_a_stale_stage_from_a_killed_run_is_discarded(tmp_path):
   stale = tmp_path / run_dir.STAGE / "checkpoints" / "old"
   stale.mkdir(parents=True)
-  with run_dir.staged(str(tmp_path)) as stage:
-    assert os.listdir(stage) == []
+  with run_dir.job(str(tmp_path), {}) as job:
+    stage = job.path
+    assert os.listdir(stage) == [run_dir.RESUME]  # the killed run's files are gone
   assert os.listdir(tmp_path) == []
 
 
@@ -47,7 +50,8 @@ def test_only_process_0_publishes(tmp_path, monkeypatch):
   import jax
   (tmp_path / "report.json").write_text("old")
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  with run_dir.staged(str(tmp_path)) as stage:
+  with run_dir.job(str(tmp_path), {}) as job:
+    stage = job.path
     assert stage == os.path.join(str(tmp_path), f"{run_dir.STAGE}-1")
     with open(os.path.join(stage, "report.json"), "w") as f:
       f.write("new")
