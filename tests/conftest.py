@@ -73,6 +73,9 @@ def run_main(*args, env=None, timeout=300):
 # hands the training loop, which the main job drives as it drives FAT.
 
 
+TINY_MODEL = "mobilenet_v2_tiny"
+
+
 def smoke_config(ckpt):
   from configs import default
   config = default.get_config("smoke")
@@ -86,14 +89,18 @@ def smoke_flags(ckpt):
 
 @pytest.fixture(scope="session")
 def float_ckpt(tmp_path_factory):
-  """A tiny float MobileNet-v2 trained for a few steps by the float job's smoke config."""
+  """A float ``mobilenet_v2_tiny`` (three MobileNet-v2 blocks, fat/models/tiny.py)
+  trained for a few steps by the float job's smoke config: every stage of the
+  main job runs on it at a tenth of the whole network's compile time (the
+  whole networks are compiled by the model, export and paper-row tests)."""
   from configs.fashion_mnist import mobilenet_v2_fp
   from experiments.train_float import train_float
   root = tmp_path_factory.mktemp("float")
   config = mobilenet_v2_fp.get_config("smoke")
+  config.model, config.width = TINY_MODEL, 1.0
   config.output = str(root / "ckpt")
   meta = train_float(config, str(root / "work"))
-  assert meta["model_kwargs"]["width"] == 0.35 and meta["epochs"] == 1
+  assert meta["model"] == TINY_MODEL and meta["epochs"] == 1
   return config.output
 
 
@@ -115,27 +122,11 @@ def smoke_run(float_ckpt, tmp_path_factory):
 
 
 def tiny_net(num_classes=10, **kwargs):
-  """stem -> block_0 (no expansion) -> block_1 (stride 2) -> block_2 (residual,
-  ``add_q``) -> head -> classifier, with MobileNet-v2's layer names."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from fat.layers import ActQuant  # pylint: disable=import-outside-toplevel
-  from fat.models import blocks  # pylint: disable=import-outside-toplevel
-
-  class TinyNet(blocks.Network):
-
-    @nn.compact
-    def __call__(self, x, train=False):
-      c = self.common()
-      x, step = ActQuant(self.mode, signed=True, trainable=False, name="input_q")(x)
-      x, step = blocks.ConvBNAct(8, 3, 1, name="stem", **c)(x, train, step)
-      x, step = blocks.InvertedResidual(8, 1, name="block_0", residual=False, **c)(
-          x, train, step)
-      x, step = blocks.InvertedResidual(16, 6, strides=2, name="block_1", **c)(x, train, step)
-      x, step = blocks.InvertedResidual(16, 6, name="block_2", **c)(x, train, step)
-      x, _ = blocks.ConvBNAct(32, name="head", **c)(x, train, step)
-      return blocks.classifier_head(x, self.num_classes, self.mode)
-
-  return TinyNet(num_classes=num_classes, **kwargs)
+  """``fat.models.tiny`` ("mobilenet_v2_tiny"): stem -> block_0 (no expansion) ->
+  block_1 (stride 2) -> block_2 (residual, ``add_q``) -> head -> classifier,
+  with MobileNet-v2's layer names; stem stride 1 unless ``small_input=False``."""
+  from fat.models.tiny import TinyMobileNetV2  # pylint: disable=import-outside-toplevel
+  return TinyMobileNetV2(num_classes=num_classes, **{"small_input": True, **kwargs})
 
 
 def assert_integer_layers_match(nodes, acts, x, min_equal=0.999):

@@ -7,7 +7,7 @@ import pytest
 
 from configs.fashion_mnist import mobilenet_v2_fp
 from experiments.train_float import train_float
-from conftest import run_main, tiny_net
+from conftest import TINY_MODEL, run_main
 
 pytestmark = pytest.mark.slow  # subprocesses and whole-network training
 
@@ -19,16 +19,16 @@ def test_unknown_model_exits_2_with_message(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-  """The float job builds ``tiny_net`` instead of MobileNet-v2: what these tests
-  check does not depend on the network, and it compiles ten times faster."""
-  from fat import models
-  monkeypatch.setattr(models, "create", lambda name, **kwargs: tiny_net(**kwargs))
-
-
-def test_diverging_run_saves_nothing(tmp_path, tiny):
+def tiny_config():
+  """The float job's smoke config on ``mobilenet_v2_tiny``: what these tests check
+  does not depend on the network, and it compiles ten times faster."""
   config = mobilenet_v2_fp.get_config("smoke")
+  config.model, config.width = TINY_MODEL, 1.0
+  return config
+
+
+def test_diverging_run_saves_nothing(tmp_path):
+  config = tiny_config()
   config.learning_rate = 1e12
   config.output = str(tmp_path / "ckpt")
   with pytest.raises(FloatingPointError, match="float training diverged .*lower "
@@ -45,7 +45,7 @@ def test_more_train_examples_than_images_is_named(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path, tiny):
+def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path):
   """Interrupted (Ctrl-C) after its step checkpoint at step 2 of 4, the float job
   started again resumes there and saves the weights of an uninterrupted run."""
   import jax
@@ -53,7 +53,7 @@ def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path, tiny):
   from fat import checkpoints, float_training
 
   def config(name):
-    c = mobilenet_v2_fp.get_config("smoke")
+    c = tiny_config()
     c.checkpoint_every = 2
     c.output = str(tmp_path / name / "ckpt")
     return c
@@ -91,7 +91,8 @@ def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
   import time
   from conftest import REPO
   args = ["--config=configs/fashion_mnist/mobilenet_v2_fp.py:smoke", f"--workdir={tmp_path / 'w'}",
-          f"--config.output={tmp_path / 'ckpt'}"]
+          f"--config.output={tmp_path / 'ckpt'}", f"--config.model={TINY_MODEL}",
+          "--config.width=1.0"]
   proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -190,18 +190,21 @@ MODEL_KWARGS = ("num_classes", "width", "small_input", "padding", "bn_eps", "bn_
 
 
 def test_registry_is_the_table_of_models():
-  assert models.MODELS == tuple(models.REGISTRY) == tuple(MODELS)
+  from fat.models.tiny import TinyMobileNetV2
+  table = {**MODELS, "mobilenet_v2_tiny": TinyMobileNetV2}
+  assert models.MODELS == tuple(models.REGISTRY) == tuple(table)
   for name, entry in models.REGISTRY.items():
-    assert entry.constructor is MODELS[name]
+    assert entry.constructor is table[name]
     assert set(MODEL_KWARGS) <= set(inspect.signature(entry.constructor).parameters)
     m = models.create(name, num_classes=10, small_input=True)
-    assert type(m) is MODELS[name] and models.name_of(m) == name
+    assert type(m) is table[name] and models.name_of(m) == name
     assert set(entry.pretrained) <= set(pretrained.FORMATS)
   assert set(pretrained.FORMATS) == {f for e in models.REGISTRY.values() for f in e.pretrained}
   # The table's widths are the ones the models accept (test_invalid_width_raises).
   for name, width, ok in [("mobilenet_v2", 0.35, True), ("mobilenet_v2", 1.4, True),
                           ("mobilenet_v2", 1.5, False), ("mnasnet", 0.75, True),
-                          ("mnasnet", 0.6, False), ("mnasnet", True, False)]:
+                          ("mnasnet", 0.6, False), ("mnasnet", True, False),
+                          ("mobilenet_v2_tiny", 1.0, True), ("mobilenet_v2_tiny", 0.5, False)]:
     assert models.REGISTRY[name].allows(width) == ok, (name, width)
   models.check_width("mnasnet", 1.3)
   with pytest.raises(ValueError, match=re.escape(

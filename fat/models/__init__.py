@@ -1,4 +1,5 @@
-"""Flax MobileNet-v2 and MNASNet-B1 with float, folded and quantized modes.
+"""Flax MobileNet-v2 and MNASNet-B1 with float, folded and quantized modes
+(and a three-block MobileNet-v2, ``mobilenet_v2_tiny``, for smoke runs and tests).
 
 ``REGISTRY`` is the one table of models: name -> ``ModelEntry`` (constructor,
 allowed widths, the pretrained formats of ``fat.models.pretrained`` that load
@@ -13,7 +14,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fat.models import mnasnet, mobilenet_v2
+from fat.models import mnasnet, mobilenet_v2, tiny
 from fat.models.mnasnet import MNASNet
 from fat.models.mobilenet_v2 import MobileNetV2
 
@@ -55,6 +56,8 @@ REGISTRY: dict[str, ModelEntry] = {
                                pretrained=("keras", "timm")),
     "mnasnet": ModelEntry(constructor=MNASNet, widths=mnasnet.WIDTHS,
                           pretrained=("timm", "tf_mnasnet")),
+    # Three MobileNet-v2 blocks: smoke runs and tests (fat/models/tiny.py).
+    "mobilenet_v2_tiny": ModelEntry(constructor=tiny.TinyMobileNetV2, widths=tiny.WIDTHS),
 }
 MODELS = tuple(REGISTRY)
 # Every pretrained format some model loads, in table order.
