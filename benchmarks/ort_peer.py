@@ -132,15 +132,15 @@ def check_choices(calibrations: list[str], types: list[str]) -> None:
 
 
 def calibration_split(config: dict):
-  """The main job's calibration images, selected as ``experiments.train`` does: the
-  first ``calibration_images`` of the unlabeled ``fat.train_fraction`` sample
-  (``Split.sample``, fixed by ``seed``) of the train split."""
+  """The main job's calibration images (``fat.data.distillation_splits``, as
+  ``experiments.train`` selects them) from its ``config.json``."""
   train = data.load(config["dataset"], "train", config.get("data_dir") or None,
                     preprocess=config.get("preprocess", "keras"),
                     image_size=config.get("image_size", 224),
                     manual_dir=config.get("manual_dir") or None)
-  return train.sample(config["fat"]["train_fraction"], config["seed"]).head(
-      config["calibration_images"])
+  return data.distillation_splits(train, train_fraction=config["fat"]["train_fraction"],
+                                 calibration_images=config["calibration_images"],
+                                 seed=config["seed"])[1]
 
 
 # --------------------------------------------------------------------------

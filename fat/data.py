@@ -189,6 +189,16 @@ def subset(split: Split, fraction: float, seed: int) -> Split:
   return split.take(idx)
 
 
+def distillation_splits(train: SplitLike, *, train_fraction: float, calibration_images: int,
+                        seed: int) -> tuple[SplitLike, SplitLike]:
+  """``(unlabeled, calib)``: the unlabeled ``train_fraction`` sample of ``train``
+  (fixed by ``seed``) that threshold training uses, and its first
+  ``calibration_images`` images, which calibrate and score every method. The
+  main job and the benchmarks that repeat its calibration call this."""
+  unlabeled = train.sample(train_fraction, seed)
+  return unlabeled, unlabeled.head(calibration_images)
+
+
 def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
   """Random crop with ``pad`` pixels of zero padding and random horizontal flip."""
   n, h, w, _ = images.shape

@@ -112,3 +112,16 @@ def test_image_batches_of_a_split_and_of_an_array():
   got = list(batches)
   assert count == 2 and [len(x) for x in got] == [4, 1]
   np.testing.assert_array_equal(np.concatenate(got), data.normalize(split.images))
+
+
+def test_distillation_splits_calibrate_on_the_first_unlabeled_images():
+  split = data.Split(np.arange(40 * 4, dtype=np.uint8).reshape(40, 2, 2, 1), np.arange(40))
+  unlabeled, calib = data.distillation_splits(split, train_fraction=0.5, calibration_images=8,
+                                              seed=3)
+  again, _ = data.distillation_splits(split, train_fraction=0.5, calibration_images=8, seed=3)
+  other, _ = data.distillation_splits(split, train_fraction=0.5, calibration_images=8, seed=4)
+  assert len(unlabeled) == 20 and len(calib) == 8
+  np.testing.assert_array_equal(unlabeled.labels, again.labels)
+  assert not np.array_equal(unlabeled.labels, other.labels)
+  np.testing.assert_array_equal(calib.labels, unlabeled.labels[:8])
+  np.testing.assert_array_equal(calib.images, unlabeled.images[:8])
