@@ -139,7 +139,7 @@ def test_graph_covers_the_model(traced):
 
 
 def test_trace_refuses_unquantized_layers():
-  model = _model("mobilenet_v2")
+  model = tiny_net()
   x = _images(2, 0)
   v = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
   folded = fold.fold_variables(v, model.bn_eps)
@@ -491,8 +491,7 @@ def test_every_product_asks_for_float32(impl):
   """Every convolution and matmul of the quantized model (and of its gradient) asks
   for HIGHEST precision: the default rounds operands to bf16 on TPU and TF32 on
   recent GPUs, off the 8-bit grid the integer runtime computes on."""
-  model = models.create("mobilenet_v2", num_classes=10, small_input=True, width=0.35,
-                        dw_impl=impl)
+  model = tiny_net(dw_impl=impl)  # MobileNet-v2's blocks: conv, depthwise, add, dense
   x = _images(2, 0)
   v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
   v = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), v)

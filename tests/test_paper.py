@@ -1,5 +1,6 @@
 """Paper configs, the TF MNASNet checkpoint importer, and one paper row end to end on fake data."""
 
+import functools
 import glob
 import importlib
 import json
@@ -90,6 +91,14 @@ def save_tf_checkpoint(prefix, tensors):
 # --------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _float_shapes(model_name, width, size, eps):
+  """(model, its variables' shapes): several paper rows share a network."""
+  model = models.create(model_name, num_classes=1000, width=width, padding="same", bn_eps=eps)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return model, jax.eval_shape(lambda v: model.init(jax.random.PRNGKey(0), v), x)
+
+
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_config_loads_and_builds(name):
   module = importlib.import_module(f"configs.paper.{name}")
@@ -104,13 +113,11 @@ def test_paper_config_loads_and_builds(name):
   width, size = float(net.split("_")[-2]), int(net.split("_")[-1])
   fmt = _base.NETS[net][0]
   eps = 1e-3  # both Keras and TF sources
-  model = models.create(model_name, num_classes=1000, width=width, padding="same", bn_eps=eps)
+  model, variables = _float_shapes(model_name, width, size, eps)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda v: model.init(jax.random.PRNGKey(0), v), x)
   qmodel = calibrate.quantized(model, pipeline.config_rules(config.settings[0], config.fat))
-  folded = {"params": variables["params"]}
   out = jax.eval_shape(lambda v: qmodel.init(jax.random.PRNGKey(0), v), x)
-  assert out["params"].keys() == folded["params"].keys()
+  assert out["params"].keys() == variables["params"].keys()
   assert fmt in pretrained.FORMATS
   assert config.image_size == size and config.preprocess == _base.NETS[net][2]
 
