@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -86,8 +87,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train, test = load("train"), load("test")
   if config.eval_examples:
     test = test.head(config.eval_examples)
-  unlabeled = train.sample(config.fat.train_fraction, config.seed)
-  calib = unlabeled.head(config.calibration_images)
+  unlabeled, calib = data.distillation_splits(
+      train, train_fraction=config.fat.train_fraction,
+      calibration_images=config.calibration_images, seed=config.seed)
   if len(calib) == 0:
     raise ValueError("calibration set is empty: raise calibration_images or fat.train_fraction.")
   _check_shapes(models.create(name, **model_kwargs), float_vars, next(calib.batches(1))[0],
@@ -182,10 +184,12 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ra
                              "act_kind")}
   entry["methods"], preds, losses = {}, {}, {}
   for name in methods.ordered(config.methods):
+    t0 = time.time()
     result = methods.get(name).run(ctx)
+    cost = methods.cost(ctx, result, time.time() - t0)
     ctx.results[name] = result.variables
     metrics, preds[name] = evaluator(predict_q, result.variables, f"{s.name} {name}")
-    entry["methods"][name] = {**metrics, **result.stats}
+    entry["methods"][name] = {**metrics, **cost, **result.stats}
     losses[name] = result.losses
   ptq = [m for m in entry["methods"] if methods.get(m).kind == methods.PTQ]
   others = [m for m in ptq if m != "ptq_minmax"] or ["ptq_minmax"]

@@ -135,6 +135,12 @@ def _lookup(table: dict, cls: type):
   return next((table[c] for c in cls.__mro__ if c in table), None)
 
 
+def is_node(module: nn.Module) -> bool:
+  """Whether a call of ``module`` exports as one node (``register``): a layer,
+  not a container of layers."""
+  return _lookup(_NODES, type(module)) is not None
+
+
 def _grid(g: dict, path: str) -> Grid:
   if "step" not in g:
     raise ExportError(f"layer {path!r} has no quantizer; integer export needs every weight "

@@ -20,7 +20,11 @@ Variable collections in the folded/quantized net:
   and the frozen ``alpha``/``beta`` of untrained quantizers (the input);
 * ``thresholds``:  the trainable ``alpha`` and ``beta``: FAT trains only these;
 * ``threshold_bounds`` (only when the caller makes it mutable): each trainable
-  alpha's and beta's ``[lo, hi]`` clip range, for projecting them after an update.
+  alpha's and beta's ``[lo, hi]`` clip range, for projecting them after an update;
+* ``rounding`` (only while AdaRound trains, ``fat.rounding``): a kernel-shaped
+  rounding variable ``v`` of each weight whose spec says ``rounding="learned"``;
+  the weight is then the soft AdaRound weight. Hardened weights are plain
+  kernels on the grid, and this collection is gone.
 
 Quantizers return their grid step ``1/s`` next to their output, and convs
 take their input's step: in "quant" mode a conv's bias is rounded to the int32
@@ -44,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fat import depthwise, order_stats, qlinear, quant, rules
+from fat import depthwise, lsq, order_stats, qlinear, quant, rounding, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -88,6 +92,9 @@ class QuantMode:
   # otherwise (FAT) from a forward op, and no kernel gradient is computed
   # (fat.qlinear).
   weights_trained: bool = False
+  # True: alpha and beta pass LSQ-scaled gradients (fat.lsq.scale_grads); the
+  # forward pass is unchanged.
+  lsq: bool = False
 
   def __post_init__(self):
     if self.stage not in STAGES:
@@ -112,11 +119,12 @@ def act_spec(spec: quant.QuantSpec, signed: bool) -> quant.QuantSpec:
   """The activation spec for signed or non-negative (post-ReLU) data.
 
   A symmetric spec becomes unsigned on ReLU outputs (its clip at 0 is the
-  ReLU); an asymmetric one keeps a non-negative shift range ([0, 0.4]).
+  ReLU); an asymmetric one keeps a non-negative shift range ([0, 0.4]), or,
+  with ``spec.unsigned_relu``, becomes unsigned too (no beta).
   """
   if signed:
     return spec
-  if spec.kind == "symmetric":
+  if spec.kind == "symmetric" or spec.unsigned_relu:
     return dataclasses.replace(spec, kind="unsigned")
   if spec.kind == "asymmetric":
     lo, hi = spec.beta_range
@@ -170,6 +178,8 @@ class ActQuant(nn.Module):
     if self.trainable:
       record_bounds(self, spec)
     qp = quant.params_from_range(x_min.value, x_max.value, spec, alpha.value, beta.value)
+    if self.mode.lsq and self.trainable:
+      qp = lsq.scale_grads(qp, spec, lsq.features(x))
     if sweep:  # the (fixed-range) input keeps its alpha
       if self.trainable and not self.is_initializing():
         self.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(x, qp, spec))
@@ -221,6 +231,10 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
   # Recorded only when the caller makes "intermediates" mutable (tests, export).
   if module.is_mutable_collection("intermediates"):
     module.sow("intermediates", "kernel_q", quant.fake_quant(kernel, qp, spec))
+  if mode.lsq:
+    qp = lsq.scale_grads(qp, spec, lsq.weights_per_channel(kernel, spec))
+  if spec.rounding == "learned" and module.has_variable(rounding.COLLECTION, "v"):
+    return _learned_rounding(module, op, x, kernel, qp, spec), quant.grid_step(qp, spec)
   if module.is_mutable_collection(GRID_COLLECTION) and not module.is_initializing():
     sow_grid(module, kernel, qp, spec, with_values=True)
   if mode.weights_trained:
@@ -228,6 +242,17 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
   else:
     y = qlinear.quantized_linear(x, kernel, qp, spec, op)
   return y, quant.grid_step(qp, spec)
+
+
+def _learned_rounding(module: nn.Module, op, x, kernel, qp, spec):
+  """``op(x, w~)`` with the soft AdaRound weight of the module's rounding variable."""
+  if module.is_mutable_collection(GRID_COLLECTION):
+    raise ValueError(f"layer {layer_path(module)!r} still has a soft rounding variable; "
+                     "harden it (fat.rounding.harden) before export.")
+  w = rounding.soft_quant(kernel, module.get_variable(rounding.COLLECTION, "v"), qp, spec)
+  if module.is_mutable_collection("intermediates"):
+    module.sow("intermediates", "kernel_q", w)
+  return op(x, w.astype(x.dtype))
 
 
 def biased(module: nn.Module, y, features: int, x_step, w_step):

@@ -88,6 +88,9 @@ KINDS: dict[str, Kind] = {
 }
 
 
+ROUNDINGS = ("nearest", "learned")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
   """How one tensor is quantized.
@@ -101,6 +104,13 @@ class QuantSpec:
     axis: the channel axis used when ``per_channel`` is set.
     alpha_range: clip range of the threshold scale factor alpha.
     beta_range: clip range of the asymmetric shift beta (ignored otherwise).
+    rounding: weights only: "nearest" (round to nearest) or "learned" (AdaRound,
+      ``fat.rounding``: a weight module with a rounding variable ``v`` in the
+      ``rounding`` collection rounds up where h(v) -> 1 and down where h(v) -> 0;
+      without one, or once hardened onto the grid, it rounds to nearest).
+    unsigned_relu: activations only: on non-negative (post-ReLU) data use the
+      unsigned quantizer, without beta, whatever ``kind`` is (the paper's recipe;
+      ``fat.layers.act_spec``). Symmetric specs do so anyway.
   """
 
   bits: int = 8
@@ -109,6 +119,8 @@ class QuantSpec:
   axis: int = -1
   alpha_range: tuple[float, float] = (0.5, 1.0)
   beta_range: tuple[float, float] = (-0.2, 0.4)
+  rounding: str = "nearest"
+  unsigned_relu: bool = False
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
@@ -130,6 +142,10 @@ class QuantSpec:
     if self.alpha_range[0] <= 0:
       raise ValueError(
           f"QuantSpec.alpha_range must be positive, got {self.alpha_range!r}.")
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f"QuantSpec.rounding must be one of {ROUNDINGS}, got {self.rounding!r}.")
+    if not isinstance(self.unsigned_relu, (bool, np.bool_)):
+      raise ValueError(f"QuantSpec.unsigned_relu must be True or False, got {self.unsigned_relu!r}.")
 
   @property
   def qmin(self) -> int:
@@ -341,6 +357,13 @@ def alpha_sweep(x: jax.Array, qp: QuantParams, spec: QuantSpec, num: int = 21):
     return jnp.sum((y - xf) ** 2, axis=axes)
 
   return grid, jax.lax.map(error, grid)
+
+
+def scale_and_zero(qp: QuantParams, spec: QuantSpec, ndim: int):
+  """``(s, z)`` of the grid, broadcastable against an ``ndim`` input, float32:
+  ``fake_quant(x) == (clip(round(x * s) - z, qmin, qmax) + z) * (1 / s)``."""
+  s, z, *_ = _grid(as_float32(qp), ndim, spec)
+  return s, z
 
 
 def grid_step(qp: QuantParams, spec: QuantSpec) -> jax.Array:

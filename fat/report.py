@@ -22,6 +22,8 @@ TRAIN_FIELDS = ("train_seconds", "train_images", "epochs", "steps")
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "a boolean"
 _DICT, _LIST, _PCT = "a dict", "a list", "a percentage"
+# Every method's cost (fat.methods.cost): its run's wall time and the images it read.
+COST_FIELDS = (("wall_seconds", _NUM), ("images", _INT))
 _TOP_FIELDS = (("model", _STR), ("width", _NUM), ("dataset", _STR), ("eval_examples", _INT))
 _SETTING_FIELDS = (("name", _STR), ("weight_bits", _INT), ("act_bits", _INT),
                    ("per_channel", _BOOL), ("weight_kind", _STR), ("act_kind", _STR),
@@ -66,6 +68,8 @@ def validate_report(report: dict) -> None:
         _check(method, key, _PCT, f"{where}.methods.{name}")
       for key in (k for k in TRAIN_FIELDS if method.get(k) is not None):
         _check(method, key, _NUM, f"{where}.methods.{name}")
+      for key, kind in (f for f in COST_FIELDS if method.get(f[0]) is not None):
+        _check(method, key, kind, f"{where}.methods.{name}")
       if method.get("vs_fat") is not None:
         test = _check(method, "vs_fat", _DICT, f"{where}.methods.{name}")
         for key in ("fat_only_correct", "method_only_correct"):
@@ -96,6 +100,7 @@ def _row(setting: Mapping, name: str, fp32: float) -> str:
            "yes" if setting["per_channel"] else "no", setting["weight_kind"], setting["act_kind"],
            label, f"{m['top1_pct']:.2f}", f"{m['agreement_pct']:.2f}",
            f"{m['top1_pct'] - fp32:+.2f}"]
+  cells += [_fmt(m.get(key)) for key, _ in COST_FIELDS]
   cells += [_fmt(m.get(key)) for key in TRAIN_FIELDS]
   t = m.get("vs_fat")
   cells.append(f"{t['fat_only_correct']} / {t['method_only_correct']}, p = {t['p_value']:.2g}"
@@ -118,16 +123,18 @@ def format_markdown(report: dict) -> str:
            "| model | width | dataset | eval_examples | fp32 top-1 % |", "|---|---|---|---|---|",
            "| " + " | ".join(_cell(c) for c in summary) + " |", ""]
   header = ["setting", "W bits", "A bits", "per-channel", "weight kind", "act kind", "method",
-            "top-1 %", "agreement %", "Δ vs fp32 (pt)", "train seconds", "train images", "epochs",
-            "steps", "FAT vs method"]
+            "top-1 %", "agreement %", "Δ vs fp32 (pt)", "wall seconds", "images",
+            "train seconds", "train images", "epochs", "steps", "FAT vs method"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for setting in report["settings"]:
     lines += [_row(setting, name, fp32) for name in method_order(setting["methods"])]
   lines += ["", "**bold** marks the best PTQ method other than min/max in each setting"
             " (`best_ptq` in report.json), chosen by its top-1 on this eval split, so an"
-            " optimistic baseline; FAT's start is chosen without labels. Training columns are"
-            " blank for methods without training. FAT vs method: eval images only FAT gets"
-            " right / only the method gets right, and the exact McNemar p-value of the"
+            " optimistic baseline; FAT's start is chosen without labels. Wall seconds: the"
+            " method's own run on this setting (evaluation excluded; a method that starts"
+            " from another's result, like fat_adaround, excludes that one's); images: the"
+            " images it read. Training columns are blank for methods without training. FAT"
+            " vs method: eval images only FAT gets right / only the method gets right, and the exact McNemar p-value of the"
             " difference (small p: unlikely to be chance)."]
   return "\n".join(lines) + "\n"
 

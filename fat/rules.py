@@ -59,3 +59,33 @@ def uniform_rules(*, weight: QuantSpec | None, act: QuantSpec | None,
                   overrides: tuple[QuantRule, ...] = ()) -> tuple[QuantRule, ...]:
   """``overrides`` first, then one catch-all rule with ``weight`` and ``act``."""
   return tuple(overrides) + (QuantRule(pattern=".*", weight=weight, act=act),)
+
+
+def with_rounding(rules: tuple[QuantRule, ...], rounding: str,
+                  pattern: str = ".*") -> tuple[QuantRule, ...]:
+  """``rules`` with ``rounding`` ("nearest" or "learned") on the weight spec of
+  every layer whose path matches ``pattern``: rules that set a weight get an
+  override each, so that paths outside ``pattern`` keep what they had."""
+  re.compile(pattern)
+  out = []
+  for rule in rules:
+    if rule.weight is not None and rule.weight.rounding != rounding:
+      changed = dataclasses.replace(rule.weight, rounding=rounding)
+      both = f"(?=.*(?:{pattern}))(?:{rule.pattern})" if pattern != ".*" else rule.pattern
+      out.append(QuantRule(pattern=both, weight=changed))
+    out.append(rule)
+  return tuple(out)
+
+
+def relocate(rules: tuple[QuantRule, ...], prefix: str, paths) -> tuple[QuantRule, ...]:
+  """Rules for a submodule at ``prefix`` applied on its own: for each of its
+  layer ``paths`` (relative; "" is the submodule itself), one exact-path rule
+  with the specs ``rules`` give ``prefix/path``. Submodules whose layers
+  resolve alike get equal rules, so one compiled function serves them all."""
+  out = []
+  for rel in sorted(set(paths)):
+    full = "/".join(p for p in (prefix, rel) if p)
+    weight, act = resolve(tuple(rules), full, "weight"), resolve(tuple(rules), full, "act")
+    if weight is not None or act is not None:
+      out.append(QuantRule(pattern=f"^{re.escape(rel)}$", weight=weight, act=act))
+  return tuple(out)

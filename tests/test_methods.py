@@ -10,7 +10,9 @@ from fat import methods
 
 
 def test_builtin_methods_in_run_order():
-  assert methods.names()[:5] == ["ptq_minmax", "ptq_percentile", "ptq_mse", "fat", "qat"]
+  assert [n for n in methods.names() if n in ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat",
+                                                "qat")] == ["ptq_minmax", "ptq_percentile",
+                                                            "ptq_mse", "fat", "qat"]
   assert methods.get("fat").kind == methods.TRAINED and methods.get("ptq_mse").kind == methods.PTQ
   # PTQ methods run first, whatever order the config lists them in.
   assert methods.ordered(["qat", "fat", "ptq_mse", "ptq_minmax"]) == [
@@ -101,15 +103,19 @@ def recorded(monkeypatch):
   return calls
 
 
-def test_fat_starts_from_the_ptq_result_with_the_lowest_loss(tiny, recorded):
+def test_fat_starts_from_the_ptq_result_with_the_lowest_loss(tiny, recorded, monkeypatch):
   config, make = tiny
+  # Scored on the calibration images (holdout_images 0); the held-out score is
+  # in tests/test_fat_recipe.py.
+  monkeypatch.setitem(config.fat, "holdout_images", 0)
   ctx = make()
   a, b = ctx.variables, {**ctx.variables}
   ctx = make(losses={id(a): 0.7, id(b): 0.3})
   ctx.results.update(ptq_minmax=a, ptq_mse=b)
   result = methods.get("fat").run(ctx)
   spec, (x, target), part = recorded[0]
-  assert result.stats == {"steps": 1, "init": "ptq_mse"} and result.losses == [(1, 0.5)]
+  assert result.stats["init"] == "ptq_mse" and result.losses == [(1, 0.5)]
+  assert result.stats["steps"] == 1 and result.stats["scored_on"] == "calibration"
   assert part.trainable["thresholds"] is b["thresholds"]  # only the thresholds train
   assert (spec.name, spec.tag, spec.knob) == ("fat", "w8a8", "config.fat.learning_rate")
   assert spec.steps_per_epoch == 4 and spec.train_images == 64  # 64 images, batch 16
@@ -147,3 +153,68 @@ def test_qat_checks_its_data_before_anything_runs(tiny):
   cfg.qat.batch_size = 100
   with pytest.raises(ValueError, match="config.qat.batch_size 100 exceeds the 64 QAT train"):
     methods.get("qat").check_data(cfg, make().train)
+
+
+def test_lsq_trains_with_scaled_steps_from_its_start(tiny, recorded, monkeypatch):
+  import dataclasses
+  import optax
+  from fat import steps
+  from fat.methods import lsq
+  made = []
+  monkeypatch.setattr(lsq, "optimizer", lambda *a: made.append(a) or optax.identity())
+  monkeypatch.setattr(steps, "make_qat_step", lambda qmodel, tx: made.append(qmodel.mode))
+  lsq._update.cache_clear()
+  config, make = tiny
+  ctx = make()
+  ctx.results.update(ptq_minmax=ctx.variables, ptq_mse={**ctx.variables})
+  cfg = config.copy_and_resolve_references()
+  cfg.lsq.batch_size, cfg.lsq.train_fraction = 16, 1.0
+  ctx = methods.Context(**{**ctx.__dict__, "config": cfg})
+  result = methods.get("lsq").run(ctx)
+  spec, (x, y), part = recorded[0]
+  assert set(part.trainable) == {"params", "thresholds"} and result.stats["init"] == "ptq_mse"
+  assert part.trainable["thresholds"] is ctx.results["ptq_mse"]["thresholds"]
+  assert (spec.name, spec.knob, spec.steps_per_epoch) == ("lsq", "config.lsq.learning_rate", 4)
+  (name, lr, total, momentum), mode = made  # SGD, cosine over every step; LSQ gradients
+  assert (name, lr, total, momentum) == ("sgd", cfg.lsq.learning_rate, 4, 0.9)
+  assert mode == dataclasses.replace(ctx.qmodel.mode, lsq=True)
+  lsq._update.cache_clear()
+
+
+def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, recorded):
+  import jax
+  import numpy as np
+  from fat.methods import adaround
+  config, make = tiny
+  ctx = make()
+  ctx.results["ptq_adaround"] = ctx.variables
+  result = methods.get("fat_adaround").run(ctx)
+  spec, _, part = recorded[0]
+  assert result.stats["init"] == "ptq_adaround" and spec.name == "fat_adaround"
+  assert part.trainable["thresholds"] is ctx.variables["thresholds"]
+  mask = adaround.weight_threshold_mask(ctx.variables)
+  assert mask["stem"]["conv"]["alpha"] == 0.0 and mask["stem"]["act_q"]["alpha"] == 1.0
+  grads = {"thresholds": jax.tree.map(np.ones_like, ctx.variables["thresholds"])}
+  out, _ = adaround._masked(mask).update(grads, None)
+  assert np.all(out["thresholds"]["block_1"]["expand"]["conv"]["alpha"] == 0)
+  assert np.all(out["thresholds"]["block_1"]["expand"]["act_q"]["alpha"] == 1)
+  methods.get("fat_adaround_all").run(ctx)
+  assert recorded[1][0].name == "fat_adaround_all"
+
+
+def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
+  from fat import reconstruction
+  config, make = tiny
+  ctx = make()
+  ctx.results.update(ptq_minmax={**ctx.variables}, ptq_mse={**ctx.variables})
+  calls = []
+
+  def fake(qmodel, variables, images, spec, batch_size, pattern):
+    calls.append((variables, len(images), spec, pattern))
+    return variables, {"train_seconds": 1.0, "train_images": len(images)}, [(1, 0.1)]
+  monkeypatch.setattr(reconstruction, "reconstruct", fake)
+  result = methods.get("ptq_adaround").run(ctx)
+  variables, n, spec, pattern = calls[0]
+  assert variables is ctx.results["ptq_mse"] and n == len(ctx.calib) and pattern == ".*"
+  assert spec.granularity == config.adaround.granularity and spec.seed == config.seed
+  assert result.stats["init"] == "ptq_mse" and result.losses == [(1, 0.1)]

@@ -1,7 +1,8 @@
 """Quantization methods, each registered once in ``fat.methods.registry``.
 
 Built in: ``ptq_minmax``, ``ptq_percentile``, ``ptq_mse`` (``ptq.py``), ``fat``
-(``fat_training.py``) and ``qat`` (``qat.py``). Every module of this package is
+(``fat_training.py``), ``qat`` (``qat.py``), ``ptq_adaround`` and ``fat_adaround``
+(``adaround.py``) and ``lsq`` (``lsq.py``). Every module of this package is
 imported here, so a method added as a new file in ``fat/methods/`` registers
 itself; one defined elsewhere registers when its module is imported.
 """
@@ -9,12 +10,12 @@ itself; one defined elsewhere registers when its module is imported.
 import importlib
 import pkgutil
 
-from fat.methods.registry import (PTQ, REQUIRED, TRAINED, Context, Method, Result, get,
+from fat.methods.registry import (PTQ, REQUIRED, TRAINED, Context, Method, Result, cost, get,
                                   names, ordered, register, unregister, validate)
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name != "registry":
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["PTQ", "REQUIRED", "TRAINED", "Context", "Method", "Result", "get", "names",
+__all__ = ["PTQ", "REQUIRED", "TRAINED", "Context", "Method", "Result", "cost", "get", "names",
            "ordered", "register", "unregister", "validate"]

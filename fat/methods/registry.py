@@ -91,6 +91,15 @@ class Result:
   losses: list = dataclasses.field(default_factory=list)
 
 
+def cost(ctx: Context, result: Result, seconds: float) -> dict:
+  """The report's cost fields of one method run on one setting: ``wall_seconds``
+  (its ``run``, evaluation excluded) and ``images`` (the images it read: its
+  ``train_images`` stat when it trains, the calibration images otherwise)."""
+  images = result.stats.get("train_images")
+  return {"wall_seconds": float(seconds),
+          "images": int(images if images is not None else len(ctx.calib))}
+
+
 def _no_check(config, *args) -> None:
   del config, args
 

@@ -1,0 +1,92 @@
+"""AdaRound's hardened weights in ONNX Runtime: export, run, compare with fake quant.
+
+  python -m benchmarks.adaround_onnx --config=configs/fashion_mnist/peers.py \
+      --setting=w4a8_per_channel
+
+Runs ``ptq_adaround`` as the main job runs it (the config's float model,
+calibration images, PTQ start and ``config.adaround``) on one setting, exports
+the result as ONNX QDQ (``fat.graph``, ``fat.export_onnx``), runs it in ONNX
+Runtime on the eval split and prints, as one JSON line: fake-quant and ORT
+top-1, their argmax agreement (the target: >= 99.5%), the integer reference's
+agreement with fake quant on the first ``--integer_examples`` images, the
+reconstruction stats and the wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+import onnx
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import cli, config_checks
+from experiments.train import load_float
+from fat import (calibrate, data, evaluate, export_onnx, fold, graph, integer, models,
+                 pipeline, reconstruction, runtime)
+from fat.methods import adaround
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", "configs/fashion_mnist/peers.py", "Main-job config.")
+  flags.DEFINE_string("setting", "w4a8_per_channel", "The config's setting to run.")
+  flags.DEFINE_integer("integer_examples", 1000, "Images for the integer reference.")
+
+
+def run(config, setting: str, integer_examples: int) -> dict:
+  config_checks.only_settings(config, [setting])
+  s = config.settings[0]
+  name, kwargs, float_vars, _ = load_float(config)
+  model = models.create(name, **kwargs)
+  load = lambda split: data.load(config.dataset, split, config.data_dir or None)
+  train, test = load("train"), load("test")
+  if config.eval_examples:
+    test = test.head(config.eval_examples)
+  calib = train.sample(config.fat.train_fraction, config.seed).head(config.calibration_images)
+  folded = fold.fold_variables(float_vars, model.bn_eps)
+  qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
+                                    pipeline.first_batch(calib))
+  start = calibrate.calibrate(qmodel, qvars, data.image_batches(calib, 128)[0], progress=False)
+  if config.adaround.start == "ptq_mse":
+    start = calibrate.mse_search(qmodel, start, data.image_batches(calib, 128)[0],
+                                 progress=False)
+  t0 = time.time()
+  out, stats, _ = reconstruction.reconstruct(qmodel, start, calib, adaround.recon_spec(config),
+                                             batch_size=config.calibration_batch_size,
+                                             pattern=config.adaround.layers)
+  seconds = time.time() - t0
+  x = np.concatenate([b for b, _ in test.batches(500)])
+  sim = evaluate.predict(evaluate.make_predict(qmodel.apply), out, test, 500, progress=False)
+  nodes = graph.trace(qmodel, out, x[:2])
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "adaround.onnx")
+    onnx.save(export_onnx.to_qdq(nodes, (None,) + x.shape[1:]), path)
+    size = os.path.getsize(path)
+    sess, _ = runtime.session_and_ops(path)
+    ort = runtime.logits(sess, x).argmax(-1)
+  n = min(integer_examples, len(x))
+  ints = integer.logits(nodes, x[:n]).argmax(-1)
+  return {"setting": setting, "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
+          "ort_top1_pct": evaluate.top1_pct(ort, test.labels),
+          "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
+          "integer_agreement_pct": evaluate.agreement_pct(ints, sim[:n]),
+          "integer_examples": n, "eval_examples": len(x), "onnx_bytes": size,
+          "adaround_seconds": seconds, "devices": str(jax.devices()), **stats}
+
+
+def main(argv):
+  del argv
+  with cli.exit_on_user_error():
+    print(json.dumps(run(FLAGS.config, FLAGS.setting, FLAGS.integer_examples)))
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

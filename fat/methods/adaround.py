@@ -1,0 +1,173 @@
+"""Learned rounding: AdaRound as a post-training method, and FAT after it.
+
+* ``ptq_adaround``: from the thresholds of a PTQ result (``config.adaround.start``),
+  every weight learns whether it rounds up or down, layer by layer (or block
+  by block), by reconstructing the float model's outputs on unlabeled images
+  (``fat.reconstruction``, ``fat.rounding``); the weights are then hardened onto
+  the same grid, so the result is an ordinary set of quantized variables.
+  No labels. It optimizes, so it is registered as a trained method: it gets
+  training columns in the report, runs after the PTQ methods, and is not a
+  candidate for ``fat``'s start (``fat`` stays the published recipe).
+* ``fat_adaround``: FAT's threshold training (the ``config.fat`` recipe) started
+  from ``ptq_adaround``'s result, with the weight thresholds frozen: moving a
+  weight's alpha moves its grid, and the learned integers would be rounded to
+  nearest on the new grid; only the activation thresholds train.
+* ``fat_adaround_all``: the same, training every threshold (weights' too).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import optax
+from flax import traverse_util
+
+from fat import checks, loop, reconstruction, schedules, steps, variables
+from fat.layers import TRAINABLE_COLLECTION
+from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
+
+
+def recon_spec(config) -> reconstruction.ReconSpec:
+  """The ``ReconSpec`` of ``config.adaround``."""
+  a = config.adaround
+  return reconstruction.ReconSpec(
+      granularity=a.granularity, iterations=a.iterations, batch_size=a.batch_size,
+      learning_rate=a.learning_rate, reg_weight=a.reg_weight, warmup=a.warmup,
+      beta_start=float(a.beta_range[0]), beta_end=float(a.beta_range[1]), input=a.input,
+      seed=config.seed)
+
+
+def images(ctx: Context):
+  """The reconstruction images: the calibration images, or the first
+  ``config.adaround.images`` unlabeled ones (which start with them)."""
+  n = ctx.config.adaround.images
+  return ctx.calib if not n else ctx.unlabeled.head(n)
+
+
+def run_adaround(ctx: Context) -> Result:
+  cfg = ctx.config.adaround
+  out, stats, losses = reconstruction.reconstruct(
+      ctx.qmodel, ctx.results[cfg.start], images(ctx), recon_spec(ctx.config),
+      batch_size=ctx.config.calibration_batch_size, pattern=cfg.layers)
+  return Result(out, {**stats, "init": cfg.start}, losses)
+
+
+def weight_threshold_mask(qvars: dict) -> dict:
+  """The ``thresholds`` tree with 0.0 on weight quantizers (a module with a
+  kernel) and 1.0 on activation quantizers."""
+  kernels = {k.rsplit("/", 1)[0] for k in traverse_util.flatten_dict(qvars["params"], sep="/")
+             if k.endswith("kernel")}
+  flat = traverse_util.flatten_dict(qvars[TRAINABLE_COLLECTION], sep="/")
+  return traverse_util.unflatten_dict(
+      {k: 0.0 if k.rsplit("/", 1)[0] in kernels else 1.0 for k in flat}, sep="/")
+
+
+def _masked(mask: dict) -> optax.GradientTransformation:
+  """Multiplies the ``thresholds`` gradients by ``mask`` (stateless)."""
+
+  def update(updates, state, params=None):
+    del params
+    th = jax.tree.map(lambda g, m: g * m, updates[TRAINABLE_COLLECTION], mask)
+    return {**updates, TRAINABLE_COLLECTION: th}, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+@functools.lru_cache(maxsize=4)
+def _update(qmodel, learning_rate, reset_steps, lr_decay, loss, project, frozen_paths):
+  """(optimizer, jitted FAT step) with the thresholds at ``frozen_paths`` frozen."""
+  mask = traverse_util.unflatten_dict(dict(frozen_paths), sep="/")
+  tx = optax.chain(_masked(mask), schedules.fat_optimizer(learning_rate, reset_steps,
+                                                          lr_decay))
+  return tx, steps.make_fat_step(qmodel, tx, loss, project)
+
+
+def fat_after_adaround(name: str, train_weight_thresholds: bool):
+  """The ``run`` of FAT from ``ptq_adaround``'s result, registered as ``name``."""
+  return functools.partial(_run_fat_adaround, name=name,
+                           train_weights=train_weight_thresholds)
+
+
+def _run_fat_adaround(ctx: Context, name: str, train_weights: bool) -> Result:
+  cfg = ctx.config.fat
+  start = ctx.results["ptq_adaround"]
+  mask = weight_threshold_mask(start)
+  if train_weights:
+    mask = _ones(mask)
+  frozen = tuple(sorted(traverse_util.flatten_dict(mask, sep="/").items()))
+  tx, step = _update(ctx.qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
+                     cfg.project_thresholds, frozen)
+  part = variables.partition(start, variables.FAT_TRAINABLE)
+  n = len(ctx.unlabeled)
+  stream = ((x, ctx.teacher[idx]) for x, _, idx in ctx.unlabeled.batches(
+      cfg.batch_size, seed=ctx.config.seed, epochs=cfg.epochs,
+      drop_remainder=n >= cfg.batch_size, with_index=True))
+  spec = loop.LoopSpec(name=name, tag=ctx.setting.name,
+                       steps_per_epoch=max(1, n // cfg.batch_size), epochs=cfg.epochs,
+                       train_images=n, knob="config.fat.learning_rate",
+                       log_every=ctx.config.log_every,
+                       score=ctx.distill if cfg.keep_best else None,
+                       select_every=cfg.select_every, patience=cfg.patience,
+                       checkpoint_dir=ctx.method_checkpoints(name),
+                       checkpoint_every=ctx.config.checkpoint_every)
+  out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
+  return Result(out.variables, {**out.stats, "init": "ptq_adaround"}, out.losses)
+
+
+def _ones(mask: dict) -> dict:
+  flat = traverse_util.flatten_dict(mask, sep="/")
+  return traverse_util.unflatten_dict({k: 1.0 for k in flat}, sep="/")
+
+
+def validate_adaround(config) -> None:
+  a = config.adaround
+  if a.start not in config.methods or get(a.start).kind != PTQ:
+    raise ValueError(f"config.adaround.start must be a PTQ method in config.methods, got "
+                     f"{a.start!r}; add it to config.methods or start from 'ptq_minmax'.")
+  for name in ("iterations", "batch_size"):
+    checks.positive_int(f"adaround.{name}", a[name])
+  checks.nonnegative_int("adaround.images", a.images, "the calibration images")
+  checks.learning_rate("adaround.learning_rate", a.learning_rate)
+  checks.number("adaround.reg_weight", a.reg_weight, 0.0)
+  checks.number("adaround.warmup", a.warmup, 0.0, 0.99)
+  if len(tuple(a.beta_range)) != 2 or not 0 < a.beta_range[1] <= a.beta_range[0]:
+    raise ValueError(f"config.adaround.beta_range must be (start, end) with start >= end > 0, "
+                     f"got {a.beta_range!r}.")
+  try:
+    re.compile(a.layers)
+  except re.error as e:
+    raise ValueError(f"config.adaround.layers {a.layers!r} is not a valid regex: {e}") from e
+  if a.granularity not in reconstruction.GRANULARITIES:
+    raise ValueError(f"config.adaround.granularity must be one of "
+                     f"{reconstruction.GRANULARITIES}, got {a.granularity!r}.")
+  if a.input not in reconstruction.INPUTS:
+    raise ValueError(f"config.adaround.input must be one of {reconstruction.INPUTS}, got "
+                     f"{a.input!r}.")
+  if not float(config.fat.alpha_range[0]) <= 1.0 <= float(config.fat.alpha_range[1]):
+    raise ValueError("ptq_adaround hardens weights with alpha = 1, so config.fat.alpha_range "
+                     f"must contain 1.0, got {tuple(config.fat.alpha_range)}.")
+  for s in config.settings:
+    if s.weight_kind != "symmetric":
+      raise ValueError(f"config.settings[{s.name!r}]: ptq_adaround needs symmetric weights "
+                       f"(got {s.weight_kind!r}): a hardened asymmetric kernel need not give "
+                       "back its grid; drop the method or use weight_kind='symmetric'.")
+
+
+def validate_fat_adaround(config) -> None:
+  if "ptq_adaround" not in config.methods:
+    raise ValueError("fat_adaround starts from ptq_adaround's result; add 'ptq_adaround' to "
+                     "config.methods.")
+
+
+register(Method(name="ptq_adaround", kind=TRAINED, order=-1, run=run_adaround,
+                validate=validate_adaround,
+                description="AdaRound: learned rounding by layer-wise reconstruction"))
+register(Method(name="fat_adaround", kind=TRAINED, order=0.5,
+                run=fat_after_adaround("fat_adaround", False), validate=validate_fat_adaround,
+                description="FAT's training of activation thresholds after AdaRound"))
+register(Method(name="fat_adaround_all", kind=TRAINED, order=0.6,
+                run=fat_after_adaround("fat_adaround_all", True),
+                validate=validate_fat_adaround,
+                description="FAT's training of every threshold after AdaRound"))

@@ -1,0 +1,83 @@
+"""LSQ / LSQ+: QAT whose step sizes (and offsets) train with LSQ's gradient scale.
+
+Like ``qat`` (weights and thresholds, labels, cross-entropy, ``fat.steps.make_qat_step``),
+but the model runs with ``QuantMode(lsq=True)``: every alpha and beta passes
+its gradient scaled so that an SGD step on it is LSQ's step on the step size
+(LSQ+: and on the offset, for asymmetric settings), with g = 1/sqrt(N * Q_p)
+(``fat.lsq``). LSQ's optimizer: SGD with momentum and cosine decay
+(``config.lsq.optimizer="sgd"``); with Adam the gradient scale cancels. It
+starts from ``config.lsq.start`` (a PTQ result) and trains on a
+``config.lsq.train_fraction`` share of the labeled train split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import optax
+
+from fat import checks, data, loop, steps, variables
+from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer(name: str, learning_rate: float, total_steps: int,
+              momentum: float = 0.9) -> optax.GradientTransformation:
+  """SGD with momentum (LSQ's) or Adam, the learning rate cosine-decayed to 0."""
+  schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  if name == "sgd":
+    return optax.sgd(schedule, momentum=momentum)
+  return optax.adam(schedule)
+
+
+@functools.lru_cache(maxsize=4)
+def _update(qmodel, name: str, learning_rate: float, total_steps: int, momentum: float):
+  tx = optimizer(name, learning_rate, total_steps, momentum)
+  lsq_model = qmodel.clone(mode=dataclasses.replace(qmodel.mode, lsq=True))
+  return tx, steps.make_qat_step(lsq_model, tx)
+
+
+def run(ctx: Context) -> Result:
+  cfg = ctx.config.lsq
+  train = ctx.train.sample(cfg.train_fraction, ctx.config.seed)
+  spe = data.num_batches(len(train), cfg.batch_size, True)
+  tx, step = _update(ctx.qmodel, cfg.optimizer, cfg.learning_rate, spe * cfg.epochs,
+                     cfg.momentum)
+  part = variables.partition(ctx.results[cfg.start], variables.QAT_TRAINABLE)
+  stream = train.batches(cfg.batch_size, seed=ctx.config.seed, epochs=cfg.epochs,
+                         drop_remainder=True)
+  spec = loop.LoopSpec(name="lsq", tag=ctx.setting.name, steps_per_epoch=spe,
+                       epochs=cfg.epochs, train_images=len(train),
+                       knob="config.lsq.learning_rate", log_every=ctx.config.log_every,
+                       checkpoint_dir=ctx.method_checkpoints("lsq"),
+                       checkpoint_every=ctx.config.checkpoint_every)
+  out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
+  return Result(out.variables, {**out.stats, "init": cfg.start}, out.losses)
+
+
+def validate(config) -> None:
+  cfg = config.lsq
+  for name in ("batch_size", "epochs"):
+    checks.positive_int(f"lsq.{name}", cfg[name])
+  checks.fraction("lsq.train_fraction", cfg.train_fraction)
+  checks.learning_rate("lsq.learning_rate", cfg.learning_rate)
+  checks.number("lsq.momentum", cfg.momentum, 0.0, 1.0)
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.lsq.optimizer must be one of {OPTIMIZERS}, got "
+                     f"{cfg.optimizer!r}.")
+  if cfg.start not in config.methods or get(cfg.start).kind != PTQ:
+    raise ValueError(f"config.lsq.start must be a PTQ method in config.methods, got "
+                     f"{cfg.start!r}; add it to config.methods or start from 'ptq_minmax'.")
+
+
+def check_data(config, train) -> None:
+  n = len(train.sample(config.lsq.train_fraction, config.seed))
+  if n < config.lsq.batch_size:
+    raise ValueError(f"config.lsq.batch_size {config.lsq.batch_size} exceeds the {n} LSQ "
+                     "train images; lower it or raise config.lsq.train_fraction.")
+
+
+register(Method(name="lsq", kind=TRAINED, order=2, run=run, validate=validate,
+                check_data=check_data, description="LSQ/LSQ+: QAT with LSQ-scaled steps"))

@@ -1,0 +1,251 @@
+"""Learned rounding (fat/rounding.py, fat/reconstruction.py, fat/methods/adaround.py):
+the rectified sigmoid and its regularizer against numpy, the soft weight's
+gradient against an independent formula and finite differences, hardened
+weights on their grid, and (slow) reconstruction on tiny_net with the
+integer reference and ONNX Runtime agreeing after it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_integer_layers_match, tiny_net
+
+from configs import default
+from experiments import config_checks
+from fat import methods, quant, rounding, rules
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def np_h(v):
+  return np.clip(1.0 / (1.0 + np.exp(-np.asarray(v, np.float64))) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def test_rectified_sigmoid_and_its_inverse():
+  v = np.linspace(-12, 12, 97)
+  np.testing.assert_allclose(rounding.rectified_sigmoid(v), np_h(v), atol=1e-6)
+  assert float(rounding.rectified_sigmoid(0.0)) == pytest.approx(0.5)
+  assert float(rounding.rectified_sigmoid(-12.0)) == 0.0  # reaches 0 and 1 exactly
+  assert float(rounding.rectified_sigmoid(12.0)) == 1.0
+  h = np.linspace(0, 0.999, 50)
+  np.testing.assert_allclose(rounding.rectified_sigmoid(rounding.inverse_rectified_sigmoid(h)),
+                             h, atol=1e-5)
+
+
+def test_regularizer_and_beta_schedule():
+  v = np.random.default_rng(0).normal(0, 3, 200).astype(np.float32)
+  for beta in (20.0, 7.5, 2.0):
+    want = np.sum(1 - np.abs(2 * np_h(v) - 1) ** beta)
+    assert float(rounding.regularizer(v, beta)) == pytest.approx(want, rel=1e-4)
+  # 0 once every h is 0 or 1; one per weight at h = 1/2.
+  assert float(rounding.regularizer(jnp.array([-20.0, 20.0]), 2.0)) == 0.0
+  assert float(rounding.regularizer(jnp.zeros(5), 2.0)) == pytest.approx(5.0)
+  assert rounding.annealed_beta(0, 100) == (20.0, 0.0)  # warm-up: regularizer off
+  assert rounding.annealed_beta(19, 100)[1] == 0.0
+  assert rounding.annealed_beta(20, 100) == (20.0, 1.0)
+  assert rounding.annealed_beta(60, 100)[0] == pytest.approx(11.0)
+  assert rounding.annealed_beta(100, 100)[0] == pytest.approx(2.0)
+
+
+def _kernel(shape=(3, 3, 4, 6), seed=0):
+  return np.random.default_rng(seed).normal(0, 0.3, shape).astype(np.float32)
+
+
+SPEC = quant.QuantSpec(bits=4, per_channel=True)
+
+
+def _qp(w, spec=SPEC, alpha=1.0):
+  lo, hi = quant.observed_range(w, spec)
+  return quant.params_from_range(lo, hi, spec, jnp.full(lo.shape, alpha, jnp.float32))
+
+
+@pytest.mark.parametrize("alpha", [0.7])
+def test_soft_weight_starts_at_w_and_its_gradient_matches_the_formula(alpha):
+  w = _kernel()
+  qp = _qp(w, alpha=alpha)
+  v = rounding.init_v(w, qp, SPEC)
+  s, _ = quant.scale_and_zero(qp, SPEC, w.ndim)
+  s = np.asarray(s, np.float64)
+  inside = np.abs(w * s) < SPEC.qmax - 1
+  np.testing.assert_allclose(np.asarray(rounding.soft_quant(w, v, qp, SPEC))[inside], w[inside],
+                             rtol=1e-5, atol=1e-6)
+  # d w~ / d v = h'(v) / s where the grid does not clip and 0 < h < 1, else 0.
+  g = np.random.default_rng(1).normal(size=w.shape)
+  v = v + np.random.default_rng(2).normal(0, 1.5, w.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(rounding.soft_quant(w, v, qp, SPEC) * g))(v)
+  sig = 1 / (1 + np.exp(-np.asarray(v, np.float64)))
+  raw = sig * (ZETA - GAMMA) + GAMMA
+  q = np.floor(w * s.astype(np.float32)) + np_h(v)  # the float32 product, as the code has it
+  live = (raw > 0) & (raw < 1) & (q >= SPEC.qmin) & (q <= SPEC.qmax)
+  want = np.where(live, g * sig * (1 - sig) * (ZETA - GAMMA) / s, 0.0)
+  clear = np.minimum.reduce([np.abs(raw), np.abs(raw - 1), np.abs(q - SPEC.qmin),
+                             np.abs(q - SPEC.qmax)]) > 1e-3  # float32 may differ at a kink
+  np.testing.assert_allclose(np.asarray(grad)[clear], want[clear], rtol=1e-4, atol=1e-6)
+  # And central differences, away from the kinks.
+  smooth = live & (np.abs(raw - 0.5) < 0.4) & (np.abs(q) < SPEC.qmax - 1)
+  eps = 1e-2
+  f = lambda v: np.asarray(rounding.soft_quant(w, v, qp, SPEC), np.float64)
+  fd = (f(v + eps) - f(v - eps)) / (2 * eps)
+  np.testing.assert_allclose(fd[smooth], (want / g)[smooth], rtol=2e-2)
+
+
+def _hardened(w, v, spec=SPEC, alpha=None):
+  c = w.shape[-1] if spec.per_channel else ()
+  alpha = np.full(c, 1.0, np.float32) if alpha is None else alpha
+  variables = {"params": {"conv": {"kernel": w}},
+               "thresholds": {"conv": {"alpha": alpha, "beta": np.zeros_like(alpha)}},
+               rounding.COLLECTION: {"conv": {"v": v}}}
+  r = rules.uniform_rules(weight=dataclasses.replace(spec, rounding="learned"), act=None)
+  return rounding.harden(variables, r)
+
+
+@pytest.mark.parametrize("per_channel, alpha", [(True, 1.0), (False, 0.8)])
+def test_hardened_weights_lie_on_the_same_grid(per_channel, alpha):
+  spec = dataclasses.replace(SPEC, per_channel=per_channel)
+  w = _kernel()
+  a = np.full(w.shape[-1] if per_channel else (), alpha, np.float32)
+  qp = _qp(w, spec, alpha)
+  v = np.random.default_rng(3).normal(0, 2, w.shape).astype(np.float32)
+  out, counts = _hardened(w, v, spec, a)
+  new = np.asarray(out["params"]["conv"]["kernel"])
+  assert rounding.COLLECTION not in out
+  assert np.all(np.asarray(out["thresholds"]["conv"]["alpha"]) == 1.0)
+  # Integer values: floor(w*s) + [v >= 0], clipped; on the original grid.
+  s, _ = quant.scale_and_zero(qp, spec, w.ndim)
+  q = np.asarray(rounding.hard_ints(w, v, qp, spec))
+  assert np.all(q == np.round(q)) and q.min() >= spec.qmin and q.max() <= spec.qmax
+  np.testing.assert_allclose(new, q / np.asarray(s, np.float64), rtol=3e-7, atol=0)
+  # The stored weights' own range gives back that grid: fake quant keeps them
+  # (to float32 rounding of the recomputed step) and their integers exactly.
+  qp_new = _qp(new, spec)
+  np.testing.assert_allclose(quant.fake_quant(new, qp_new, spec), new, rtol=1e-6, atol=0)
+  np.testing.assert_array_equal(quant.quantize_int(new, qp_new, spec)[0], q)
+  assert 0 < counts["flipped"] < counts["weights"] == w.size
+  # With v at its start, hardening is round-to-nearest.
+  near, counts = _hardened(w, np.asarray(rounding.init_v(w, qp, spec)), spec, a)
+  np.testing.assert_allclose(near["params"]["conv"]["kernel"], quant.fake_quant(w, qp, spec),
+                             rtol=1e-6, atol=1e-7)
+  assert counts["flipped"] == 0
+
+
+def test_hardening_refuses_a_grid_it_cannot_keep():
+  """An asymmetric grid shifted off 0 is not what the hardened kernel's range gives."""
+  spec = quant.QuantSpec(bits=4, kind="asymmetric", per_channel=True, beta_range=(-0.2, 0.4))
+  w = np.abs(_kernel()) + 0.5  # all positive: t_min = 0, the grid starts at beta * R
+  variables = {"params": {"conv": {"kernel": w}},
+               "thresholds": {"conv": {"alpha": np.full(6, 0.6, np.float32),
+                                       "beta": np.full(6, 0.3, np.float32)}},
+               rounding.COLLECTION: {"conv": {"v": np.zeros_like(w)}}}
+  r = rules.uniform_rules(weight=dataclasses.replace(spec, rounding="learned"), act=None)
+  with pytest.raises(ValueError, match="learned rounding of 'conv'.*rounding='nearest'"):
+    rounding.harden(variables, r)
+
+
+def test_rules_select_learned_rounding_and_relocate():
+  w4 = quant.QuantSpec(bits=4, per_channel=True)
+  r = rules.uniform_rules(weight=w4, act=quant.QuantSpec(bits=8), overrides=(
+      rules.QuantRule(pattern=r"^stem/", weight=quant.QuantSpec(bits=8)),))
+  learned = rules.with_rounding(r, "learned", pattern="^block_")
+  get = lambda p: rules.resolve(learned, p, "weight")
+  assert get("block_1/expand/conv").rounding == "learned"
+  assert get("head/conv").rounding == "nearest" and get("stem/conv").bits == 8
+  moved = rules.relocate(learned, "block_1/expand", ["conv", "act_q"])
+  assert rules.resolve(moved, "conv", "weight") == get("block_1/expand/conv")
+  assert rules.resolve(moved, "act_q", "act").bits == 8
+  # Two blocks alike get equal rules (one compiled step serves both).
+  assert moved == rules.relocate(learned, "block_2/expand", ["conv", "act_q"])
+  with pytest.raises(ValueError, match="QuantSpec.rounding must be one of"):
+    quant.QuantSpec(rounding="stochastic")
+
+
+def test_registry_runs_the_new_methods_in_order():
+  names = methods.names()
+  new = ("ptq_adaround", "fat_adaround", "fat_adaround_all", "lsq")
+  for name in new:  # trained: training columns, and not a candidate for FAT's start
+    assert methods.get(name).kind == methods.TRAINED
+  assert methods.ordered(["lsq", "fat_adaround_all", "fat_adaround", "qat", "fat",
+                          "ptq_adaround", "ptq_mse", "ptq_minmax"]) == [
+                              "ptq_minmax", "ptq_mse", "ptq_adaround", "fat", "fat_adaround",
+                              "fat_adaround_all", "qat", "lsq"]
+  assert set(names) >= set(new)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(methods=("ptq_minmax", "fat", "fat_adaround")), "add 'ptq_adaround'"),
+    (dict(methods=("ptq_minmax", "fat", "ptq_adaround")), "config.adaround.start must be"),
+    (dict(adaround_granularity="net"), "config.adaround.granularity must be one of"),
+    (dict(asym=True), "ptq_adaround needs symmetric weights"),
+])
+def test_adaround_config_checks(change, message):
+  c = default.get_config()
+  c.methods = change.get("methods", ("ptq_minmax", "ptq_mse", "fat", "ptq_adaround",
+                                     "fat_adaround"))
+  if "adaround_granularity" in change:
+    c.adaround.granularity = change["adaround_granularity"]
+  if change.get("asym"):
+    c.settings[0].weight_kind = "asymmetric"
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate(c)
+
+
+# --------------------------------------------------------------------------
+# Slow: reconstruction on tiny_net, then export.
+# --------------------------------------------------------------------------
+
+
+def _images(n, seed):
+  rng = np.random.default_rng(seed)
+  base = rng.uniform(-1, 1, (n, 4, 4, 1))
+  return np.clip(np.kron(base, np.ones((1, 4, 4, 1))) + 0.1 * rng.normal(size=(n, 16, 16, 1)),
+                 -1, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reconstructed():
+  from fat import pipeline, reconstruction  # pylint: disable=import-outside-toplevel
+  model = tiny_net()
+  x = _images(64, 0)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
+  rng = np.random.default_rng(0)
+  v = {**v, "batch_stats": jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, a.shape),
+                                        v["batch_stats"])}
+  s = pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8, per_channel=True)
+  p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=64)
+  spec = reconstruction.ReconSpec(granularity="block", iterations=150, batch_size=16,
+                                  learning_rate=3e-2)
+  out, stats, losses = reconstruction.reconstruct(p.qmodel, p.variables, x, spec, batch_size=32)
+  return p, x, out, stats, losses
+
+
+@pytest.mark.slow
+def test_reconstruction_lowers_the_error_and_keeps_the_grid(reconstructed):
+  from fat import graph, integer  # pylint: disable=import-outside-toplevel
+  p, x, out, stats, losses = reconstructed
+  assert stats["units"] == 6 and stats["steps"] == 6 * 150 and stats["train_images"] == 64
+  assert stats["recon_error_learned"] < 0.9 * stats["recon_error_nearest"]
+  assert 0 < stats["flipped_pct"] < 50 and losses and set(out) == set(p.variables)
+  # Same structure, same activation thresholds; every kernel on its grid.
+  assert jax.tree.structure(out) == jax.tree.structure(p.variables)
+  nodes, acts = graph.trace(p.qmodel, out, x, return_activations=True)
+  for n in (n for n in nodes if n.op in ("conv", "dense")):
+    g = n.attrs["w_grid"]
+    np.testing.assert_allclose(n.attrs["weight"], (n.attrs["q_weight"] - g.zero_point) * g.scale,
+                               rtol=1e-6, atol=1e-9)
+  assert_integer_layers_match(nodes, acts, x)
+  sim = np.asarray(jax.jit(p.qmodel.apply)(out, x))
+  assert np.mean(integer.logits(nodes, x).argmax(-1) == sim.argmax(-1)) >= 0.95
+
+
+@pytest.mark.slow
+def test_adarounded_weights_export_and_run_in_ort(reconstructed, tmp_path):
+  import onnx  # pylint: disable=import-outside-toplevel
+  from fat import export_onnx, graph, runtime  # pylint: disable=import-outside-toplevel
+  p, x, out, _, _ = reconstructed
+  nodes = graph.trace(p.qmodel, out, x)
+  path = str(tmp_path / "adaround.onnx")
+  onnx.save(export_onnx.to_qdq(nodes, (None,) + x.shape[1:]), path)
+  sess, _ = runtime.session_and_ops(path)
+  sim = np.asarray(jax.jit(p.qmodel.apply)(out, x))
+  assert np.mean(runtime.logits(sess, x).argmax(-1) == sim.argmax(-1)) >= 0.95
