@@ -7,7 +7,7 @@ import tempfile
 
 import ml_collections
 
-from fat import checks, data, float_training, imagenet, methods, models, quant
+from fat import checks, data, float_training, imagenet, methods, models, pipeline, quant
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -47,6 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if s.weight_kind == "unsigned":
       raise ValueError(f"config.settings[{s.name!r}].weight_kind cannot be 'unsigned'; "
                        "use 'symmetric' or 'asymmetric'.")
+    if s.get("overrides"):  # per-layer widths (fat.pipeline.Setting.overrides)
+      try:
+        pipeline.config_rules(s, fat)
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"config.settings[{s.name!r}].overrides: {e}") from e
 
 
 def validate_float(config: ml_collections.ConfigDict) -> None:

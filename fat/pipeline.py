@@ -12,8 +12,9 @@ several settings (the main job shares ranges between settings).
 
 ``setting_rules`` is the quantizer-rule policy of a setting: one weight spec
 and one activation spec everywhere, the network input symmetric in
-asymmetric settings, and optionally the first and last layers' weights at
-another width.
+asymmetric settings, optionally the first and last layers' weights at
+another width, and optionally per-layer widths (``Setting.overrides``, e.g. a
+mixed-precision allocation from ``fat.allocation``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import dataclasses
 import flax.linen as nn
 import numpy as np
 
-from fat import calibrate, data, fold, quant, rules
+from fat import calibrate, data, fold, quant, recipes, rules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,11 @@ class Setting:
 
   ``first_last_bits`` > 0 keeps the stem's and classifier's weights at that
   width; 0 quantizes them like the rest.
+
+  ``overrides``: ``(pattern, weight_bits, act_bits)`` triples, per-layer widths
+  ahead of every other rule (a regex on the layer path, as ``fat.rules``; bits
+  0 leaves that role to the later rules). Kind, granularity and clip ranges stay
+  the setting's. A config holds them as data (lists from JSON are accepted).
   """
 
   name: str
@@ -41,28 +47,63 @@ class Setting:
   weight_kind: str = "symmetric"
   act_kind: str = "symmetric"
   first_last_bits: int = 0
+  overrides: tuple = ()
 
   def __post_init__(self):
     if self.weight_kind == "unsigned":
       raise ValueError(f"setting {self.name!r}: weight_kind cannot be 'unsigned'; "
                        "use 'symmetric' or 'asymmetric'.")
+    object.__setattr__(self, "overrides", _overrides(self.name, self.overrides))
 
 
-def setting_rules(s: Setting, *, alpha_range=(0.5, 1.0),
-                  beta_range=(-0.2, 0.4)) -> tuple[rules.QuantRule, ...]:
-  """The quantizer rules of setting ``s`` (alpha/beta clip ranges as given)."""
+def _overrides(name: str, items) -> tuple[tuple[str, int, int], ...]:
+  """``items`` as a tuple of ``(pattern, weight_bits, act_bits)``, checked."""
+  out = []
+  for i, item in enumerate(items or ()):
+    where = f"setting {name!r}: overrides[{i}]"
+    if isinstance(item, str) or len(tuple(item)) != 3:
+      raise ValueError(f"{where} must be (pattern, weight_bits, act_bits), got {item!r}.")
+    pattern, wb, ab = tuple(item)
+    if not isinstance(pattern, str):
+      raise ValueError(f"{where}: the pattern must be a string, got {pattern!r}.")
+    for role, bits in (("weight_bits", wb), ("act_bits", ab)):
+      if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
+          bits == 0 or 2 <= bits <= 16):
+        raise ValueError(f"{where}: {role} must be 0 (not set) or an integer in 2..16, "
+                         f"got {bits!r}.")
+    if not (wb or ab):
+      raise ValueError(f"{where} sets neither weight_bits nor act_bits.")
+    out.append((pattern, int(wb), int(ab)))
+  return tuple(out)
+
+
+def setting_rules(s: Setting, *, alpha_range=(0.5, 1.0), beta_range=(-0.2, 0.4),
+                  unsigned_relu: bool = False) -> tuple[rules.QuantRule, ...]:
+  """The quantizer rules of setting ``s`` (alpha/beta clip ranges as given).
+
+  ``unsigned_relu``: ReLU outputs get the unsigned quantizer without beta in
+  asymmetric settings too (the paper's recipe, ``fat.recipes``); symmetric
+  settings quantize them so anyway.
+  """
   ranges = dict(alpha_range=tuple(alpha_range), beta_range=tuple(beta_range))
   weight = quant.QuantSpec(bits=s.weight_bits, kind=s.weight_kind, per_channel=s.per_channel,
                            **ranges)
-  act = quant.QuantSpec(bits=s.act_bits, kind=s.act_kind, **ranges)
+  act = quant.QuantSpec(bits=s.act_bits, kind=s.act_kind, unsigned_relu=bool(unsigned_relu),
+                        **ranges)
+  per_layer = tuple(
+      rules.QuantRule(pattern=p, weight=dataclasses.replace(weight, bits=wb) if wb else None,
+                      act=dataclasses.replace(act, bits=ab) if ab else None)
+      for p, wb, ab in s.overrides)
   overrides = ()
   if s.act_kind == "asymmetric":
     # The network input has a fixed range, [-1, 1] for "keras" preprocessing. On
     # an asymmetric grid its zero point, round(-127.5), puts every pixel value on
     # a rounding tie (resolved differently by XLA, ONNX Runtime and the integer
     # reference); the symmetric grid has none.
+    in_act = rules.resolve(per_layer, "input_q", "act") or act
     overrides = (rules.QuantRule(pattern=r"^input_q$",
-                                 act=dataclasses.replace(act, kind="symmetric")),)
+                                 act=dataclasses.replace(in_act, kind="symmetric")),)
+  overrides += per_layer
   if s.first_last_bits:
     first_last = quant.QuantSpec(bits=s.first_last_bits, kind=s.weight_kind,
                                  per_channel=s.per_channel, **ranges)
@@ -123,4 +164,5 @@ def config_rules(setting, fat) -> tuple[rules.QuantRule, ...]:
   as_dict = lambda m: m.to_dict() if hasattr(m, "to_dict") else dict(m)
   fat = as_dict(fat)
   return setting_rules(Setting(**as_dict(setting)), alpha_range=tuple(fat["alpha_range"]),
-                       beta_range=tuple(fat["beta_range"]))
+                       beta_range=tuple(fat["beta_range"]),
+                       unsigned_relu=recipes.resolve(fat).unsigned_relu)

@@ -60,11 +60,29 @@ def reset_adam(opt_state):
   return jax.tree.map(lambda s: zero(s) if is_adam(s) else s, opt_state, is_leaf=is_adam)
 
 
-def fat_optimizer(learning_rate: float, reset_steps: int = 400,
-                  decay: float = 1e-4) -> optax.GradientTransformation:
-  """Adam with FAT's cosine-and-reset schedule."""
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update leaf by the matching leaf of ``scales`` (a pytree of
+  floats shaped like the parameters' tree, a constant): per-leaf learning rates
+  after a per-element normalizer such as Adam's."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, k: u * jnp.asarray(k, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def fat_optimizer(learning_rate: float, reset_steps: int = 400, decay: float = 1e-4,
+                  scales=None) -> optax.GradientTransformation:
+  """Adam with FAT's cosine-and-reset schedule; ``scales`` (optional, a tree
+  like the parameters') multiplies each leaf's learning rate."""
   return optax.chain(
       reset_every(optax.scale_by_adam(), reset_steps),
       optax.scale_by_schedule(fat_schedule(learning_rate, reset_steps, decay)),
+      *([scale_by_tree(scales)] if scales is not None else []),
       optax.scale(-1.0),
   )
