@@ -7,7 +7,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 from tqdm import tqdm
 
 from fat import data
@@ -58,6 +57,7 @@ def mcnemar(preds_a: np.ndarray, preds_b: np.ndarray,
   a_ok, b_ok = preds_a == labels, preds_b == labels
   a_only, b_only = int(np.sum(a_ok & ~b_ok)), int(np.sum(b_ok & ~a_ok))
   n = a_only + b_only
+  from scipy import stats  # pylint: disable=import-outside-toplevel  (0.5 s at import)
   p = stats.binomtest(a_only, n, 0.5).pvalue if n else 1.0
   return a_only, b_only, float(p)
 

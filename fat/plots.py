@@ -9,15 +9,20 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Mapping
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
-import numpy as np  # noqa: E402
-
-from fat import atomic  # noqa: E402
+from fat import atomic
 
 MAX_TICKS = 60
+
+
+def pyplot():
+  """``matplotlib.pyplot`` on the Agg backend, imported at the first plot
+  (0.3 s: an entry point's ``--help`` does not pay it)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
 
 
 def _leaves(tree: Mapping, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
@@ -58,7 +63,7 @@ def _save(fig, path: str) -> None:
     fig.tight_layout()
     atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
   finally:
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_thresholds(path: str, thresholds: dict[str, dict]) -> None:
@@ -68,7 +73,7 @@ def plot_thresholds(path: str, thresholds: dict[str, dict]) -> None:
     raise ValueError("plot_thresholds: no 'alpha'/'beta' leaves in the thresholds trees")
   layers = list(dict.fromkeys(k for a, b in per_setting.values() for k in (*a, *b)))
   index = {k: i for i, k in enumerate(layers)}
-  fig, axes = plt.subplots(2, 1, figsize=(min(40.0, max(8.0, 0.12 * len(layers))), 7), sharex=True)
+  fig, axes = pyplot().subplots(2, 1, figsize=(min(40.0, max(8.0, 0.12 * len(layers))), 7), sharex=True)
   for row, (ax, leaf) in enumerate(zip(axes, ("alpha", "beta"))):
     for setting, trees in per_setting.items():
       values = trees[row]
@@ -95,7 +100,7 @@ def plot_weight_ranges(path: str, params: dict) -> None:
             for k in kernels.values()]
   stats = np.maximum(np.array([(r.min(), np.median(r), r.max()) for r in ranges]), 1e-8)
   x = np.arange(len(kernels))
-  fig, ax = plt.subplots(figsize=(min(40.0, max(8.0, 0.12 * len(kernels))), 5))
+  fig, ax = pyplot().subplots(figsize=(min(40.0, max(8.0, 0.12 * len(kernels))), 5))
   ax.fill_between(x, stats[:, 0], stats[:, 2], alpha=0.2, lw=0, label="min-max over channels")
   for col, style, label in ((2, "v-", "max"), (1, "o-", "median"), (0, "^-", "min")):
     ax.plot(x, stats[:, col], style, lw=0.7, ms=3, label=label)
@@ -110,7 +115,7 @@ def plot_losses(path: str, losses: dict[str, list[float]]) -> None:
   curves = {s: np.asarray(v, np.float64) for s, v in (losses or {}).items() if len(v)}
   if not curves:
     raise ValueError("plot_losses: no loss values to plot (empty dict or empty curves)")
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, ax = pyplot().subplots(figsize=(8, 5))
   for setting, values in curves.items():
     ax.plot(np.arange(len(values)), values, lw=0.8, label=setting)
   _style(ax, "training loss", log=True)

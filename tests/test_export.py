@@ -469,7 +469,7 @@ def test_asymmetric_export_runs_in_ort(tmp_path):
 def test_tiny_weight_channel_bias_overflow_is_named():
   """A per-channel weight step so small that the bias needs more than 32 bits is
   refused with the layer, the channel and the fix."""
-  qmodel, qvars = _quantized("mobilenet_v2", perturb=False)
+  qmodel, qvars = _quantized(None, model=tiny_net(), perturb=False)
   nodes = graph.trace(qmodel, qvars, _images(2, 0))
   conv = next(n for n in nodes if n.op == "conv")
   scale = np.array(conv.attrs["w_grid"].scale)

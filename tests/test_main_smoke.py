@@ -45,10 +45,13 @@ def test_report_schema_and_values(smoke_run):
       assert diff == pytest.approx(fat["top1_pct"] - s["methods"][name]["top1_pct"])
       assert 0.0 < t["p_value"] <= 1.0
     assert "vs_fat" not in fat
-    assert fat["train_images"] == 240 and fat["epochs"] == 1 and fat["train_seconds"] > 0
+    # The smoke config withholds 32 of the 240 unlabeled images for FAT's
+    # start and keep-best (config.fat.holdout_images); it trains on the rest.
+    assert fat["train_images"] == 240 - 32 and fat["epochs"] == 1 and fat["train_seconds"] > 0
+    assert fat["scored_on"] == "held-out (32 images)"
     assert fat["init"] in s["methods"]
-    # keep_best: the calibration-set loss before training, every select_every
-    # steps and at the end; the thresholds kept are those of its minimum.
+    # keep_best: the held-out loss before training, every select_every steps
+    # and at the end; the thresholds kept are those of its minimum.
     steps, losses = zip(*fat["calibration_loss_by_step"])
     want = sorted({0, fat["steps"], *range(20, fat["steps"], 20)})
     assert list(steps) == want and all(np.isfinite(losses))
