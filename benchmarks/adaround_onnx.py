@@ -73,7 +73,12 @@ def run(config, setting: str, integer_examples: int) -> dict:
     ort = runtime.logits(sess, x).argmax(-1)
   n = min(integer_examples, len(x))
   ints = integer.logits(nodes, x[:n]).argmax(-1)
-  return {"setting": setting, "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
+  fp = evaluate.predict(evaluate.make_predict(pipeline.Prepared(
+      qmodel=qmodel, variables=qvars, folded=folded).fmodel.apply), folded, test, 500,
+      progress=False)
+  return {"setting": setting, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
+          "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
+          "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp),
           "ort_top1_pct": evaluate.top1_pct(ort, test.labels),
           "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
           "integer_agreement_pct": evaluate.agreement_pct(ints, sim[:n]),

@@ -110,9 +110,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # model's input ("quantized"; or "float") on the calibration images (`images`
   # > 0: the first that many unlabeled images), with the annealed regularizer.
   c.adaround = ml_collections.ConfigDict(dict(
-      start="ptq_mse", granularity="layer", iterations=300, batch_size=32,
+      start="ptq_minmax", granularity="layer", iterations=300, batch_size=32,
       learning_rate=1e-2, reg_weight=0.01, warmup=0.2, beta_range=(20.0, 2.0),
-      input="quantized", images=0, layers=".*"))
+      input="quantized", quantize_output=False, images=0, layers=".*"))
   # FAT after AdaRound ("fat_adaround": activation thresholds; "fat_adaround_all":
   # every threshold) follows config.fat's recipe.
   # LSQ/LSQ+ (method "lsq", fat/methods/lsq.py): QAT with LSQ-scaled step-size

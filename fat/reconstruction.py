@@ -40,7 +40,7 @@ import optax
 from flax import traverse_util
 
 from fat import data, graph, rounding, rules
-from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION, QuantMode
+from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION, ActQuant, QuantMode
 
 GRANULARITIES = ("layer", "block")
 INPUTS = ("quantized", "float")
@@ -61,6 +61,9 @@ class ReconSpec:
     warmup: share of the steps without the regularizer.
     beta_start, beta_end: beta's linear annealing after the warm-up.
     input: "quantized" (the quantized model's input to the unit) or "float".
+    quantize_output: whether the loss reads the unit's output after its output
+      quantizer (True) or before it (False: Nagel et al.'s ``f_a(W~ x)``; the
+      next unit's input quantization is not the rounding's to fix).
     seed: the batch sampling's.
   """
 
@@ -73,6 +76,7 @@ class ReconSpec:
   beta_start: float = 20.0
   beta_end: float = 2.0
   input: str = "quantized"
+  quantize_output: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -99,23 +103,34 @@ class ReconSpec:
 class Call:
   """One module call: its path, the module, how its arguments are made from the
   running ``(x, step)`` (``args``: "step" or a constant per argument after x),
-  the glue before it ("" or "mean"), and the calls inside it (depth 2)."""
+  the glue before it ("" or "mean"), the calls inside it (depth 2), and the
+  path (relative) of the quantizer that makes its output (None: none)."""
 
   path: str
   module: nn.Module
   args: tuple
   glue: str = ""
   children: tuple = ()
+  output_quantizer: str | None = None
 
 
 class _Tracer:
-  """Records module calls at depth 1 and 2 with their inputs and outputs."""
+  """Records module calls at depth 1 and 2 with their inputs and outputs, and
+  the outputs of every activation quantizer."""
 
   def __init__(self):
     self.records: list[dict] = []
+    self.quantizers: list[tuple[str, object]] = []
 
   def __call__(self, next_fun, args, kwargs, context):
     path = context.module.scope.path
+    if context.method_name == "__call__" and isinstance(context.module, ActQuant):
+      out = self._record(next_fun, args, kwargs, context, path)
+      self.quantizers.append(("/".join(path), out[0]))
+      return out
+    return self._record(next_fun, args, kwargs, context, path)
+
+  def _record(self, next_fun, args, kwargs, context, path):
     if context.method_name != "__call__" or not 1 <= len(path) <= 2 or not args:
       return next_fun(*args, **kwargs)
     if kwargs:
@@ -141,9 +156,9 @@ def _argspec(args, step, path: str) -> tuple:
   return tuple(spec)
 
 
-def _follow(records, x, step, where: str, inner=None) -> list[Call]:
+def _follow(records, x, step, where: str, inner) -> list[Call]:
   """``records`` as a chain from ``(x, step)``; ``inner(record, x, step)`` gives
-  a record's children."""
+  a record's children and the function naming its output quantizer."""
   calls = []
   for rec in records:
     arg, glue = rec["args"][0], ""
@@ -154,10 +169,10 @@ def _follow(records, x, step, where: str, inner=None) -> list[Call]:
         raise ValueError(f"reconstruction: {rec['path']!r} in {where} reads a tensor other "
                          "than the previous module's output (only a global average pool may "
                          "come between two modules).")
-    children = inner(rec, arg, step) if inner is not None else ()
+    children, made_by = inner(rec, arg, step)
     calls.append(Call(path=rec["path"], module=rec["module"],
                       args=_argspec(rec["args"], step, rec["path"]), glue=glue,
-                      children=tuple(children)))
+                      children=tuple(children), output_quantizer=made_by(rec)))
     x, step = rec["out"]
   return calls
 
@@ -175,12 +190,17 @@ def trace(qmodel: nn.Module, variables: dict, sample) -> list[Call]:
   jax.eval_shape(run, {k: v for k, v in variables.items() if k in _COLLECTIONS},
                  jnp.asarray(sample[:1], jnp.float32))
 
+  def made_by(rec):  # the quantizer inside rec whose output is rec's output
+    inside = [p for p, y in tracer.quantizers if y is rec["out"][0]
+              and p.startswith(rec["path"] + "/")]
+    return inside[0][len(rec["path"]) + 1:] if inside else None
+
   def inner(rec, x, step):
     if graph.is_node(rec["module"]):
-      return ()
+      return (), made_by
     kids = [r for r in tracer.records if r["path"].startswith(rec["path"] + "/")
             and _has_weights(variables, r["path"])]
-    return _follow(kids, x, step, rec["path"])
+    return _follow(kids, x, step, rec["path"], lambda r, x, s: ((), made_by)), made_by
 
   top = [r for r in tracer.records if "/" not in r["path"]]
   return _follow(top, holder["x"], None, "the network", inner)
@@ -221,13 +241,19 @@ def _set_unit(variables: dict, path: str, sub: dict) -> dict:
   return out
 
 
-def standalone(call: Call, variables: dict, quant_rules, stage: str) -> nn.Module:
+def standalone(call: Call, variables: dict, quant_rules, stage: str,
+               quantize_output: bool = True) -> nn.Module:
   """``call.module`` as a module of its own in ``stage``, with its resolved specs
-  (its layers' paths relative to it)."""
+  (its layers' paths relative to it); without its output quantizer unless
+  ``quantize_output``."""
   sub = unit_variables(variables, call.path)
   paths = {k.rsplit("/", 1)[0] if "/" in k else ""
            for col in sub.values() for k in traverse_util.flatten_dict(col, sep="/")}
-  mode = QuantMode(stage=stage, rules=rules.relocate(quant_rules, call.path, paths))
+  moved = rules.relocate(quant_rules, call.path, paths)
+  if not quantize_output and call.output_quantizer is not None:
+    moved = tuple(dataclasses.replace(r, act=None) if r.pattern == rules.exact(
+        call.output_quantizer) else r for r in moved)
+  mode = QuantMode(stage=stage, rules=moved)
   return call.module.clone(parent=None, name=None, mode=mode)
 
 
@@ -315,10 +341,11 @@ class _Run:
   weights: int = 0
 
 
-def _learn(unit: Call, variables: dict, module, xs, step, targets, spec: ReconSpec,
-           batch: int, rng: np.random.Generator, run: _Run):
+def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets,
+           spec: ReconSpec, batch: int, rng: np.random.Generator, run: _Run):
   """``(variables, (y, step))``: ``variables`` with the rounding of ``unit`` (run
-  as ``module``) learned and hardened, and the unit's hardened output on ``xs``."""
+  as ``module``) learned and hardened, and the unit's hardened output on ``xs``
+  (run as ``output_module``, with its output quantizer)."""
   sub = unit_variables(variables, unit.path)
   run.nearest += _error(_propagate(unit, module, sub, xs, step, batch)[0], targets)
   started = rounding.init_rounding(sub, module.mode.rules)
@@ -337,8 +364,8 @@ def _learn(unit: Call, variables: dict, module, xs, step, targets, spec: ReconSp
     if run.steps % 50 == 0 or t + 1 == spec.iterations:
       run.losses.append((run.steps, float(loss)))
   hard, counts = rounding.harden({**frozen, rounding.COLLECTION: v_round}, module.mode.rules)
-  out = _propagate(unit, module, hard, xs, step, batch)
-  run.learned += _error(out[0], targets)
+  run.learned += _error(_propagate(unit, module, hard, xs, step, batch)[0], targets)
+  out = _propagate(unit, output_module, hard, xs, step, batch)
   run.flipped += counts["flipped"]
   run.weights += counts["weights"]
   run.units.append(unit.path)
@@ -373,8 +400,9 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
         target, _ = _propagate(unit, fmod, _float_vars(variables, unit.path), in_f, None,
                                batch_size)
         qmod = standalone(unit, variables, learned, "quant")
+        tmod = standalone(unit, variables, learned, "quant", spec.quantize_output)
         source = in_q if spec.input == "quantized" else in_f
-        variables, out = _learn(unit, variables, qmod, source, in_step, target, spec,
+        variables, out = _learn(unit, variables, tmod, qmod, source, in_step, target, spec,
                                 batch_size, rng, run)
         if block:  # the next layer of the block reads this one's output
           if spec.input == "float":

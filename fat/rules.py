@@ -87,5 +87,10 @@ def relocate(rules: tuple[QuantRule, ...], prefix: str, paths) -> tuple[QuantRul
     full = "/".join(p for p in (prefix, rel) if p)
     weight, act = resolve(tuple(rules), full, "weight"), resolve(tuple(rules), full, "act")
     if weight is not None or act is not None:
-      out.append(QuantRule(pattern=f"^{re.escape(rel)}$", weight=weight, act=act))
+      out.append(QuantRule(pattern=exact(rel), weight=weight, act=act))
   return tuple(out)
+
+
+def exact(path: str) -> str:
+  """The pattern matching exactly the layer ``path``."""
+  return f"^{re.escape(path)}$"

@@ -174,7 +174,9 @@ def test_registry_runs_the_new_methods_in_order():
 
 @pytest.mark.parametrize("change, message", [
     (dict(methods=("ptq_minmax", "fat", "fat_adaround")), "add 'ptq_adaround'"),
-    (dict(methods=("ptq_minmax", "fat", "ptq_adaround")), "config.adaround.start must be"),
+    (dict(methods=("ptq_minmax", "fat", "ptq_adaround"), adaround_start="ptq_mse"),
+     "config.adaround.start must be"),
+    (dict(adaround_start="fat"), "config.adaround.start must be"),
     (dict(adaround_granularity="net"), "config.adaround.granularity must be one of"),
     (dict(asym=True), "ptq_adaround needs symmetric weights"),
 ])
@@ -182,12 +184,37 @@ def test_adaround_config_checks(change, message):
   c = default.get_config()
   c.methods = change.get("methods", ("ptq_minmax", "ptq_mse", "fat", "ptq_adaround",
                                      "fat_adaround"))
+  if "adaround_start" in change:
+    c.adaround.start = change["adaround_start"]
   if "adaround_granularity" in change:
     c.adaround.granularity = change["adaround_granularity"]
   if change.get("asym"):
     c.settings[0].weight_kind = "asymmetric"
   with pytest.raises(ValueError, match=message):
     config_checks.validate(c)
+
+
+def test_trace_follows_tiny_net_as_a_chain():
+  """Top-level modules in call order, the pool as glue, each block's layers,
+  and the quantizer making each unit's output (dropped from the loss by default)."""
+  from fat import calibrate, pipeline, reconstruction  # pylint: disable=import-outside-toplevel
+  s = pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8, per_channel=True)
+  qmodel = calibrate.quantized(tiny_net(), pipeline.setting_rules(s))
+  x = np.zeros((1, 16, 16, 1), np.float32)
+  shapes = jax.eval_shape(qmodel.init, jax.random.PRNGKey(0), x)
+  variables = {**shapes, "params": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                                shapes["params"])}
+  calls = reconstruction.trace(qmodel, variables, x)
+  assert [(c.path, c.glue, c.output_quantizer) for c in calls] == [
+      ("input_q", "", None), ("stem", "", "act_q"), ("block_0", "", "project/act_q"),
+      ("block_1", "", "project/act_q"), ("block_2", "", "add_q"), ("head", "", "act_q"),
+      ("pool_q", "mean", None), ("classifier", "", None), ("logits_q", "", None)]
+  assert [k.path for k in calls[3].children] == ["block_1/expand", "block_1/dw",
+                                                 "block_1/project"]
+  assert calls[1].args == (("const", False), "step") and calls[7].args == ("step",)
+  unit = reconstruction.standalone(calls[4], variables, qmodel.mode.rules, "quant", False)
+  assert rules.resolve(unit.mode.rules, "add_q", "act") is None
+  assert rules.resolve(unit.mode.rules, "project/act_q", "act").bits == 8
 
 
 # --------------------------------------------------------------------------
@@ -213,7 +240,7 @@ def reconstructed():
                                         v["batch_stats"])}
   s = pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8, per_channel=True)
   p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=64)
-  spec = reconstruction.ReconSpec(granularity="block", iterations=150, batch_size=16,
+  spec = reconstruction.ReconSpec(granularity="block", iterations=60, batch_size=16,
                                   learning_rate=3e-2)
   out, stats, losses = reconstruction.reconstruct(p.qmodel, p.variables, x, spec, batch_size=32)
   return p, x, out, stats, losses
@@ -223,7 +250,7 @@ def reconstructed():
 def test_reconstruction_lowers_the_error_and_keeps_the_grid(reconstructed):
   from fat import graph, integer  # pylint: disable=import-outside-toplevel
   p, x, out, stats, losses = reconstructed
-  assert stats["units"] == 6 and stats["steps"] == 6 * 150 and stats["train_images"] == 64
+  assert stats["units"] == 6 and stats["steps"] == 6 * 60 and stats["train_images"] == 64
   assert stats["recon_error_learned"] < 0.9 * stats["recon_error_nearest"]
   assert 0 < stats["flipped_pct"] < 50 and losses and set(out) == set(p.variables)
   # Same structure, same activation thresholds; every kernel on its grid.

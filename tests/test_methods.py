@@ -181,11 +181,14 @@ def test_lsq_trains_with_scaled_steps_from_its_start(tiny, recorded, monkeypatch
   lsq._update.cache_clear()
 
 
-def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, recorded):
-  import jax
-  import numpy as np
-  from fat.methods import adaround
+def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, recorded,
+                                                                         monkeypatch):
+  import optax
+  from fat.methods import adaround, fat_training
   config, make = tiny
+  built = []
+  monkeypatch.setattr(fat_training, "_update",
+                      lambda *args: built.append(dict(args[-1])) or (optax.identity(), None))
   ctx = make()
   ctx.results["ptq_adaround"] = ctx.variables
   result = methods.get("fat_adaround").run(ctx)
@@ -194,12 +197,11 @@ def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, r
   assert part.trainable["thresholds"] is ctx.variables["thresholds"]
   mask = adaround.weight_threshold_mask(ctx.variables)
   assert mask["stem"]["conv"]["alpha"] == 0.0 and mask["stem"]["act_q"]["alpha"] == 1.0
-  grads = {"thresholds": jax.tree.map(np.ones_like, ctx.variables["thresholds"])}
-  out, _ = adaround._masked(mask).update(grads, None)
-  assert np.all(out["thresholds"]["block_1"]["expand"]["conv"]["alpha"] == 0)
-  assert np.all(out["thresholds"]["block_1"]["expand"]["act_q"]["alpha"] == 1)
+  # Learning-rate factors: 0 on weight thresholds (their grids keep the learned integers).
+  assert built[0]["thresholds/block_1/expand/conv/alpha"] == 0.0
+  assert built[0]["thresholds/block_1/expand/act_q/alpha"] == 1.0
   methods.get("fat_adaround_all").run(ctx)
-  assert recorded[1][0].name == "fat_adaround_all"
+  assert recorded[1][0].name == "fat_adaround_all" and set(built[1].values()) == {1.0}
 
 
 def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
@@ -215,6 +217,7 @@ def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
   monkeypatch.setattr(reconstruction, "reconstruct", fake)
   result = methods.get("ptq_adaround").run(ctx)
   variables, n, spec, pattern = calls[0]
-  assert variables is ctx.results["ptq_mse"] and n == len(ctx.calib) and pattern == ".*"
+  start = config.adaround.start
+  assert variables is ctx.results[start] and n == len(ctx.calib) and pattern == ".*"
   assert spec.granularity == config.adaround.granularity and spec.seed == config.seed
-  assert result.stats["init"] == "ptq_mse" and result.losses == [(1, 0.1)]
+  assert result.stats["init"] == start and result.losses == [(1, 0.1)]

@@ -20,12 +20,11 @@ from __future__ import annotations
 import functools
 import re
 
-import jax
-import optax
 from flax import traverse_util
 
-from fat import checks, loop, reconstruction, schedules, steps, variables
+from fat import checks, loop, reconstruction, variables
 from fat.layers import TRAINABLE_COLLECTION
+from fat.methods import fat_training
 from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
 
 
@@ -36,7 +35,7 @@ def recon_spec(config) -> reconstruction.ReconSpec:
       granularity=a.granularity, iterations=a.iterations, batch_size=a.batch_size,
       learning_rate=a.learning_rate, reg_weight=a.reg_weight, warmup=a.warmup,
       beta_start=float(a.beta_range[0]), beta_end=float(a.beta_range[1]), input=a.input,
-      seed=config.seed)
+      quantize_output=a.quantize_output, seed=config.seed)
 
 
 def images(ctx: Context):
@@ -64,26 +63,6 @@ def weight_threshold_mask(qvars: dict) -> dict:
       {k: 0.0 if k.rsplit("/", 1)[0] in kernels else 1.0 for k in flat}, sep="/")
 
 
-def _masked(mask: dict) -> optax.GradientTransformation:
-  """Multiplies the ``thresholds`` gradients by ``mask`` (stateless)."""
-
-  def update(updates, state, params=None):
-    del params
-    th = jax.tree.map(lambda g, m: g * m, updates[TRAINABLE_COLLECTION], mask)
-    return {**updates, TRAINABLE_COLLECTION: th}, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-@functools.lru_cache(maxsize=4)
-def _update(qmodel, learning_rate, reset_steps, lr_decay, loss, project, frozen_paths):
-  """(optimizer, jitted FAT step) with the thresholds at ``frozen_paths`` frozen."""
-  mask = traverse_util.unflatten_dict(dict(frozen_paths), sep="/")
-  tx = optax.chain(_masked(mask), schedules.fat_optimizer(learning_rate, reset_steps,
-                                                          lr_decay))
-  return tx, steps.make_fat_step(qmodel, tx, loss, project)
-
-
 def fat_after_adaround(name: str, train_weight_thresholds: bool):
   """The ``run`` of FAT from ``ptq_adaround``'s result, registered as ``name``."""
   return functools.partial(_run_fat_adaround, name=name,
@@ -91,34 +70,38 @@ def fat_after_adaround(name: str, train_weight_thresholds: bool):
 
 
 def _run_fat_adaround(ctx: Context, name: str, train_weights: bool) -> Result:
+  """``fat_training.run``'s recipe (``config.fat``: its data, score, schedule,
+  per-width learning rates, keep-best), started from ``ptq_adaround``; frozen
+  thresholds get a learning-rate factor of 0."""
   cfg = ctx.config.fat
-  start = ctx.results["ptq_adaround"]
-  mask = weight_threshold_mask(start)
-  if train_weights:
-    mask = _ones(mask)
-  frozen = tuple(sorted(traverse_util.flatten_dict(mask, sep="/").items()))
-  tx, step = _update(ctx.qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
-                     cfg.project_thresholds, frozen)
-  part = variables.partition(start, variables.FAT_TRAINABLE)
-  n = len(ctx.unlabeled)
-  stream = ((x, ctx.teacher[idx]) for x, _, idx in ctx.unlabeled.batches(
+  recipe = fat_training.resolve(cfg)
+  d = fat_training.fat_data(ctx, recipe)
+  part = variables.partition(ctx.results["ptq_adaround"], variables.FAT_TRAINABLE)
+  factors = {f"{TRAINABLE_COLLECTION}/{k}": 1.0 if train_weights else m
+             for k, m in traverse_util.flatten_dict(
+                 weight_threshold_mask(ctx.results["ptq_adaround"]), sep="/").items()}
+  if recipe.lr_by_width:
+    sample = next(d.train.batches(1))[0]
+    width = fat_training.lr_factors(ctx.qmodel, part.trainable, sample)
+    factors = {k: f * width[k] for k, f in factors.items()}
+  update = fat_training._update  # pylint: disable=protected-access  (FAT's cached step)
+  tx, step = update(ctx.qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
+                    recipe.project, tuple(sorted(factors.items())))
+  n = len(d.train)
+  stream = ((x, ctx.teacher[d.rows[idx]]) for x, _, idx in d.train.batches(
       cfg.batch_size, seed=ctx.config.seed, epochs=cfg.epochs,
       drop_remainder=n >= cfg.batch_size, with_index=True))
   spec = loop.LoopSpec(name=name, tag=ctx.setting.name,
                        steps_per_epoch=max(1, n // cfg.batch_size), epochs=cfg.epochs,
                        train_images=n, knob="config.fat.learning_rate",
                        log_every=ctx.config.log_every,
-                       score=ctx.distill if cfg.keep_best else None,
-                       select_every=cfg.select_every, patience=cfg.patience,
+                       score=d.score if recipe.keep_best else None,
+                       select_every=cfg.select_every, patience=recipe.patience,
                        checkpoint_dir=ctx.method_checkpoints(name),
                        checkpoint_every=ctx.config.checkpoint_every)
   out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
-  return Result(out.variables, {**out.stats, "init": "ptq_adaround"}, out.losses)
-
-
-def _ones(mask: dict) -> dict:
-  flat = traverse_util.flatten_dict(mask, sep="/")
-  return traverse_util.unflatten_dict({k: 1.0 for k in flat}, sep="/")
+  return Result(out.variables, {**out.stats, "init": "ptq_adaround", "recipe": recipe.name},
+                out.losses)
 
 
 def validate_adaround(config) -> None:
@@ -130,6 +113,7 @@ def validate_adaround(config) -> None:
     checks.positive_int(f"adaround.{name}", a[name])
   checks.nonnegative_int("adaround.images", a.images, "the calibration images")
   checks.learning_rate("adaround.learning_rate", a.learning_rate)
+  checks.boolean("adaround.quantize_output", a.quantize_output)
   checks.number("adaround.reg_weight", a.reg_weight, 0.0)
   checks.number("adaround.warmup", a.warmup, 0.0, 0.99)
   if len(tuple(a.beta_range)) != 2 or not 0 < a.beta_range[1] <= a.beta_range[0]:
