@@ -44,7 +44,8 @@ def plot_ladder(path: str, table: Mapping) -> None:
   methods = list(dict.fromkeys(m for r in rungs for m in r["methods"]))
   color = _colors(methods)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for ax, key, floor in zip(axes, ("top1_pct", "agreement_pct"), ("top-1 %", "agreement with float %")):
+  for ax, key, ylabel in zip(axes, ("top1_pct", "agreement_pct"),
+                             ("top-1 %", "agreement with float %")):
     for per_channel in (True, False):
       group = [r for r in rungs if r["per_channel"] == per_channel]
       for k, m in enumerate(methods):
@@ -59,7 +60,7 @@ def plot_ladder(path: str, table: Mapping) -> None:
       ax.axhline(ref, color="grey", lw=1, ls=":", label="float")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels)
-    ax.set_ylabel(floor)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.suptitle(f"{table['model']}: bit-width ladder ({table['first_last']})", fontsize=10)
@@ -125,7 +126,7 @@ def plot_size_accuracy(path: str, table: Mapping, methods: Sequence[str]) -> Non
     if uni:
       ax.plot([p["size_mbit"] for p in uni], [p[key] for p in uni], "s:", color=color[m],
               ms=6, lw=0.8, label=f"{m}: uniform")
-      for p in uni:
+      for p in uni if m == methods[0] else ():
         ax.annotate(p["label"], (p["size_mbit"], p[key]), fontsize=6,
                     textcoords="offset points", xytext=(3, -9))
     if mix:

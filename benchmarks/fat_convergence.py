@@ -10,11 +10,11 @@ saw (held-out or calibration images: ``scored_on``), by step, one line per
 label; and a markdown table with the start and kept scores, kept step, FAT's
 top-1 and its wall time. Run it once per recipe, e.g. "before" and "after"::
 
-  python -m benchmarks.fat_convergence --config=configs/fashion_mnist/hard.py \\
+  python -m benchmarks.fat_convergence --config=configs/fashion_mnist/fat_hard.py \\
       --workdir=runs/convergence --label=after --only=w4a4_per_channel
-  python -m benchmarks.fat_convergence --config=configs/fashion_mnist/hard.py \\
+  python -m benchmarks.fat_convergence --config=configs/fashion_mnist/fat_hard.py \\
       --workdir=runs/convergence --label=before --only=w4a4_per_channel \\
-      --config.fat.recipe=ours --config.fat.holdout_images=0 ...
+      --config.fat.holdout_images=0 --config.fat.lr_by_width=False
 
 ``--plot_only`` redraws the files from the runs already there.
 """
