@@ -260,7 +260,8 @@ def _random_variables(shapes, seed):
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-@pytest.mark.parametrize("model_cls", [MobileNetV2, MNASNet], ids=["mobilenet_v2", "mnasnet"])
+@pytest.mark.parametrize("model_cls", [MobileNetV2, pytest.param(MNASNet, marks=pytest.mark.slow)],
+                         ids=["mobilenet_v2", "mnasnet"])  # MNASNet's network check: slow tier
 def test_model_shift_equals_conv(model_cls):
   """Float logits at width 0.5, 32 px (stride-2 layers on even sizes down to 1x1)."""
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)

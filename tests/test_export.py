@@ -65,9 +65,11 @@ def _quantized(name, per_channel=True, weight_bits=8, act_bits=8, seed=0, kind="
                   "thresholds": jax.tree_util.tree_map_with_path(alpha, qvars["thresholds"])}
 
 
-# MNASNet's network-level checks run in the slow tier; MobileNet-v2's in both.
+# The whole networks' traced-graph checks run in the slow tier (their trace is
+# 30 s a network here); the fast tier exports tiny_net.
 @pytest.fixture(scope="module",
-                params=["mobilenet_v2", pytest.param("mnasnet", marks=pytest.mark.slow)])
+                params=[pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+                        pytest.param("mnasnet", marks=pytest.mark.slow)])
 def traced(request):
   qmodel, qvars = _quantized(request.param)
   x = _images(32, 1)

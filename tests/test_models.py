@@ -612,6 +612,7 @@ def q8(net, calibrated):
   return Q8(variables, outs, kernels, np.asarray(logits))
 
 
+@pytest.mark.slow
 @MOBILENET_V2_ONLY
 def test_8bit_quantizers_cover_the_network(net, q8):
   layers = weight_layers(net.folded["params"])
@@ -629,6 +630,7 @@ def test_8bit_quantizers_cover_the_network(net, q8):
   assert f"block_{NUM_BLOCKS[net.name]}" not in q8.outs
 
 
+@pytest.mark.slow
 @MOBILENET_V2_ONLY
 def test_8bit_weights_on_grid(net, q8):
   params = flat(net.folded["params"])
@@ -671,6 +673,7 @@ def act_input(net, q8, point):
   return MODEL_ACT[net.name](y) if is_post_relu(point) else y
 
 
+@pytest.mark.slow
 @MOBILENET_V2_ONLY
 def test_8bit_activations_on_grid(net, q8):
   stats = q8.variables["quant_stats"]

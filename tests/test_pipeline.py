@@ -21,7 +21,7 @@ def test_asymmetric_settings_keep_the_input_symmetric():
   assert resolve(rules, "block_3/expand/act_q", "act").kind == "asymmetric"
   assert resolve(rules, "stem/conv", "weight").kind == "asymmetric"
   sym = setting_rules(Setting(name="sym", weight_bits=8, act_bits=8, per_channel=True))
-  assert resolve(sym, "input_q", "act") is resolve(sym, "block_3/expand/act_q", "act")
+  assert resolve(sym, "input_q", "act") == resolve(sym, "block_3/expand/act_q", "act")
   x = jnp.arange(256.0) / 127.5 - 1.0
 
   def tie_fraction(spec):
