@@ -23,7 +23,6 @@ import time
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from tqdm import tqdm
 
 from fat import (atomic, checkpoints, data, equalize, evaluate, fold, methods, models, pipeline,
@@ -111,6 +110,8 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
   workdir = stage.path
   name, model_kwargs, float_vars = float_model
   model = models.create(name, **model_kwargs)
+  # TensorBoard's writer imports TensorFlow (3 s): here, not when the flags are checked.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   folded = fold.fold_variables(float_vars, model.bn_eps)
   # Mutual rescaling (config.equalize) feeds the quantized models only; the fp32

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from tqdm import tqdm
 
 from fat import checkpoints, data, evaluate, float_training, loop, models, parallel
@@ -74,6 +73,8 @@ def _train(config, stage: run_dir.Stage, model, train, test, steps_per_epoch: in
   params, stats = parallel.replicate((variables["params"], variables["batch_stats"]), mesh)
   opt_state = parallel.replicate(tx.init(params), mesh)  # as the step returns it: no recompile
   step = float_training.make_train_step(model, tx, config.label_smoothing)
+  # TensorBoard's writer imports TensorFlow (3 s): here, not when the flags are checked.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(stage.path,
                                                 just_logging=jax.process_index() > 0)
   predict = evaluate.make_predict(lambda v, x: model.apply(v, x, train=False))
