@@ -364,8 +364,10 @@ def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets
     if run.steps % 50 == 0 or t + 1 == spec.iterations:
       run.losses.append((run.steps, float(loss)))
   hard, counts = rounding.harden({**frozen, rounding.COLLECTION: v_round}, module.mode.rules)
-  run.learned += _error(_propagate(unit, module, hard, xs, step, batch)[0], targets)
-  out = _propagate(unit, output_module, hard, xs, step, batch)
+  learned = _propagate(unit, module, hard, xs, step, batch)
+  run.learned += _error(learned[0], targets)
+  out = learned if output_module is module else _propagate(unit, output_module, hard, xs,
+                                                             step, batch)
   run.flipped += counts["flipped"]
   run.weights += counts["weights"]
   run.units.append(unit.path)
@@ -400,7 +402,9 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
         target, _ = _propagate(unit, fmod, _float_vars(variables, unit.path), in_f, None,
                                batch_size)
         qmod = standalone(unit, variables, learned, "quant")
-        tmod = standalone(unit, variables, learned, "quant", spec.quantize_output)
+        # The loss's module: qmod without its output quantizer unless quantize_output.
+        tmod = (qmod if spec.quantize_output or unit.output_quantizer is None
+                else standalone(unit, variables, learned, "quant", quantize_output=False))
         source = in_q if spec.input == "quantized" else in_f
         variables, out = _learn(unit, variables, tmod, qmod, source, in_step, target, spec,
                                 batch_size, rng, run)

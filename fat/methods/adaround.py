@@ -22,7 +22,7 @@ import re
 
 from flax import traverse_util
 
-from fat import checks, loop, reconstruction, variables
+from fat import checks, reconstruction
 from fat.layers import TRAINABLE_COLLECTION
 from fat.methods import fat_training
 from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
@@ -70,36 +70,16 @@ def fat_after_adaround(name: str, train_weight_thresholds: bool):
 
 
 def _run_fat_adaround(ctx: Context, name: str, train_weights: bool) -> Result:
-  """``fat_training.run``'s recipe (``config.fat``: its data, score, schedule,
+  """``fat_training``'s recipe (``config.fat``: its data, score, schedule,
   per-width learning rates, keep-best), started from ``ptq_adaround``; frozen
   thresholds get a learning-rate factor of 0."""
-  cfg = ctx.config.fat
-  recipe = fat_training.resolve(cfg)
-  d = fat_training.fat_data(ctx, recipe)
-  part = variables.partition(ctx.results["ptq_adaround"], variables.FAT_TRAINABLE)
+  recipe = fat_training.resolve(ctx.config.fat)
+  start = ctx.results["ptq_adaround"]
   factors = {f"{TRAINABLE_COLLECTION}/{k}": 1.0 if train_weights else m
-             for k, m in traverse_util.flatten_dict(
-                 weight_threshold_mask(ctx.results["ptq_adaround"]), sep="/").items()}
-  if recipe.lr_by_width:
-    sample = next(d.train.batches(1))[0]
-    width = fat_training.lr_factors(ctx.qmodel, part.trainable, sample)
-    factors = {k: f * width[k] for k, f in factors.items()}
-  update = fat_training._update  # pylint: disable=protected-access  (FAT's cached step)
-  tx, step = update(ctx.qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
-                    recipe.project, tuple(sorted(factors.items())))
-  n = len(d.train)
-  stream = ((x, ctx.teacher[d.rows[idx]]) for x, _, idx in d.train.batches(
-      cfg.batch_size, seed=ctx.config.seed, epochs=cfg.epochs,
-      drop_remainder=n >= cfg.batch_size, with_index=True))
-  spec = loop.LoopSpec(name=name, tag=ctx.setting.name,
-                       steps_per_epoch=max(1, n // cfg.batch_size), epochs=cfg.epochs,
-                       train_images=n, knob="config.fat.learning_rate",
-                       log_every=ctx.config.log_every,
-                       score=d.score if recipe.keep_best else None,
-                       select_every=cfg.select_every, patience=recipe.patience,
-                       checkpoint_dir=ctx.method_checkpoints(name),
-                       checkpoint_every=ctx.config.checkpoint_every)
-  out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
+             for k, m in traverse_util.flatten_dict(weight_threshold_mask(start),
+                                                    sep="/").items()}
+  out = fat_training.train_thresholds(ctx, name, start, recipe,
+                                      fat_training.fat_data(ctx, recipe), factors)
   return Result(out.variables, {**out.stats, "init": "ptq_adaround", "recipe": recipe.name},
                 out.losses)
 

@@ -141,35 +141,46 @@ def start(ctx: Context, score=None) -> str:
 
 
 def run(ctx: Context) -> Result:
-  cfg = ctx.config.fat
-  recipe = resolve(cfg)
+  recipe = resolve(ctx.config.fat)
   d = fat_data(ctx, recipe)
   init = start(ctx, d.score) if recipe.best_start else "ptq_minmax"
-  part = variables.partition(ctx.results[init], variables.FAT_TRAINABLE)
-  scales = ()
+  out = train_thresholds(ctx, "fat", ctx.results[init], recipe, d)
+  stats = {**out.stats, "init": init, "recipe": recipe.name,
+           "loss_by_step": [[int(s), float(l)] for s, l in out.losses]}
+  if recipe.keep_best:
+    stats["scored_on"] = d.scored_on
+  return Result(out.variables, stats, out.losses)
+
+
+def train_thresholds(ctx: Context, name: str, init: dict, recipe: Recipe, d: Data,
+                     factors: dict | None = None) -> loop.LoopResult:
+  """``recipe``'s threshold training of ``init`` on ``d`` (``config.fat``'s
+  schedule, batches and keep-best), logged and checkpointed as method ``name``.
+  ``factors``: a learning-rate factor per trainable path
+  (``"thresholds/<quantizer>/<alpha|beta>"``; None: 1 everywhere), multiplied
+  by the per-width ones when ``recipe.lr_by_width``."""
+  cfg = ctx.config.fat
+  part = variables.partition(init, variables.FAT_TRAINABLE)
   if recipe.lr_by_width:
     sample = next(d.train.batches(1))[0]
-    scales = tuple(sorted(lr_factors(ctx.qmodel, part.trainable, sample).items()))
+    width = lr_factors(ctx.qmodel, part.trainable, sample)
+    factors = {k: (factors or {}).get(k, 1.0) * f for k, f in width.items()}
+  scales = tuple(sorted(factors.items())) if factors is not None else ()
   tx, step = _update(ctx.qmodel, cfg.learning_rate, cfg.reset_steps, cfg.lr_decay, cfg.loss,
                      recipe.project, scales)
   n = len(d.train)
   stream = ((x, ctx.teacher[d.rows[idx]]) for x, _, idx in d.train.batches(
       cfg.batch_size, seed=ctx.config.seed, epochs=cfg.epochs,
       drop_remainder=n >= cfg.batch_size, with_index=True))
-  spec = loop.LoopSpec(name="fat", tag=ctx.setting.name,
+  spec = loop.LoopSpec(name=name, tag=ctx.setting.name,
                        steps_per_epoch=max(1, n // cfg.batch_size), epochs=cfg.epochs,
                        train_images=n, knob="config.fat.learning_rate",
                        log_every=ctx.config.log_every,
                        score=d.score if recipe.keep_best else None,
                        select_every=cfg.select_every, patience=recipe.patience,
-                       checkpoint_dir=ctx.method_checkpoints("fat"),
+                       checkpoint_dir=ctx.method_checkpoints(name),
                        checkpoint_every=ctx.config.checkpoint_every)
-  out = loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
-  stats = {**out.stats, "init": init, "recipe": recipe.name,
-           "loss_by_step": [[int(s), float(l)] for s, l in out.losses]}
-  if recipe.keep_best:
-    stats["scored_on"] = d.scored_on
-  return Result(out.variables, stats, out.losses)
+  return loop.train(step, part, tx.init(part.trainable), stream, spec, ctx.writer)
 
 
 def validate(config) -> None:
