@@ -179,6 +179,7 @@ def test_registry_runs_the_new_methods_in_order():
     (dict(adaround_start="fat"), "config.adaround.start must be"),
     (dict(adaround_granularity="net"), "config.adaround.granularity must be one of"),
     (dict(asym=True), "ptq_adaround needs symmetric weights"),
+    (dict(quantize_output=None), "config.adaround.quantize_output must be True or False"),
 ])
 def test_adaround_config_checks(change, message):
   c = default.get_config()
@@ -188,6 +189,8 @@ def test_adaround_config_checks(change, message):
     c.adaround.start = change["adaround_start"]
   if "adaround_granularity" in change:
     c.adaround.granularity = change["adaround_granularity"]
+  if "quantize_output" in change:
+    c.adaround.quantize_output = change["quantize_output"]
   if change.get("asym"):
     c.settings[0].weight_kind = "asymmetric"
   with pytest.raises(ValueError, match=message):
