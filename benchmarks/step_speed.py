@@ -70,7 +70,7 @@ def jax_case(name: str, width: float, size: int, batch: int, repeats: int) -> di
   out["fat_cached"] = timed(lambda: fat_step(part.trainable, fat_opt, part.frozen, x, teacher),
                             repeats)
 
-  qat_tx = optax.adam(1e-5)
+  qat_tx = optax.flatten(optax.adam(1e-5))  # as fat.methods.qat runs it
   qat_step = steps.make_qat_step(p.qmodel, qat_tx)
   qat = fat_variables.partition(p.variables, fat_variables.QAT_TRAINABLE)
   qat_opt = qat_tx.init(qat.trainable)

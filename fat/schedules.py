@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 
 def fat_schedule(learning_rate: float, reset_every: int = 400,
@@ -63,7 +65,8 @@ def reset_adam(opt_state):
 def scale_by_tree(scales) -> optax.GradientTransformation:
   """Multiplies each update leaf by the matching leaf of ``scales`` (a pytree of
   floats shaped like the parameters' tree, a constant): per-leaf learning rates
-  after a per-element normalizer such as Adam's."""
+  after a per-element normalizer such as Adam's. One multiply of the raveled
+  updates, not one per leaf."""
 
   def init(params):
     del params
@@ -71,7 +74,9 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, k: u * jnp.asarray(k, u.dtype), updates, scales), state
+    flat, unravel = ravel_pytree(updates)
+    factors = jax.tree.map(lambda u, k: np.full(np.shape(u), k, np.float32), updates, scales)
+    return unravel(flat * jnp.asarray(ravel_pytree(factors)[0], flat.dtype)), state
 
   return optax.GradientTransformation(init, update)
 
@@ -79,10 +84,15 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 def fat_optimizer(learning_rate: float, reset_steps: int = 400, decay: float = 1e-4,
                   scales=None) -> optax.GradientTransformation:
   """Adam with FAT's cosine-and-reset schedule; ``scales`` (optional, a tree
-  like the parameters') multiplies each leaf's learning rate."""
-  return optax.chain(
+  like the parameters') multiplies each leaf's learning rate.
+
+  Adam runs on the parameters raveled into one vector (``optax.flatten``; the
+  same numbers as per leaf): a network's few hundred threshold leaves would
+  otherwise each add their own ops to the step's program.
+  """
+  tx = optax.flatten(optax.chain(
       reset_every(optax.scale_by_adam(), reset_steps),
       optax.scale_by_schedule(fat_schedule(learning_rate, reset_steps, decay)),
-      *([scale_by_tree(scales)] if scales is not None else []),
       optax.scale(-1.0),
-  )
+  ))
+  return tx if scales is None else optax.chain(tx, scale_by_tree(scales))

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fat import schedules
 from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION
@@ -47,33 +48,47 @@ def distillation_loss(q_logits, f_logits, kind: str = "rmse"):
   raise ValueError(f"distillation loss must be one of {LOSSES}, got {kind!r}.")
 
 
+# The step updates, projects and guards each trainable collection raveled into
+# one vector, and the optimizers run on it too (``schedules.fat_optimizer``,
+# ``optax.flatten``): a network has a few hundred small threshold leaves, and
+# one XLA op per leaf and operation made the update compile for longer than the
+# whole network's gradient (``benchmarks.step_speed`` prints the compile time).
+
+
 def _all_finite(tree) -> jax.Array:
-  """True when every leaf is finite (also for a tree without leaves, such as SGD's state)."""
-  return jnp.all(jnp.stack([jnp.array(True)] +
-                           [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _guarded(old_state, old_opt, new_state, new_opt, loss):
-  # The optimizer state too: a finite gradient above ~1.8e19 overflows Adam's
-  # second moment to inf while its update is 0, which would freeze that
-  # variable until the next reset without any non-finite loss or variable.
-  ok = jnp.isfinite(loss) & _all_finite(new_state) & _all_finite(new_opt)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return keep(new_state, old_state), keep(new_opt, schedules.reset_adam(old_opt)), ok
+  """True when every floating leaf is finite (also for a tree without any, such as SGD's state)."""
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not floats:
+    return jnp.array(True)
+  return jnp.all(jnp.isfinite(ravel_pytree(floats)[0]))
 
 
 def project_thresholds(thresholds, bounds):
   """Each alpha and beta clipped into its ``[lo, hi]`` (``bounds``: the
   ``threshold_bounds`` collection, the same tree with a leading axis of 2)."""
-  return jax.tree.map(lambda v, b: jnp.clip(v, b[0], b[1]), thresholds, bounds)
+  flat, unravel = ravel_pytree(thresholds)
+  return unravel(_clip_flat(flat, thresholds, bounds))
 
 
-def _make_guarded_step(loss_fn, tx: optax.GradientTransformation, project):
+def _clip_flat(flat, thresholds, bounds):
+  """``flat`` (``thresholds`` raveled) clipped into the raveled ``bounds``."""
+  if jax.tree.structure(thresholds) != jax.tree.structure(bounds):
+    raise ValueError("threshold_bounds does not match the thresholds' tree: "
+                     f"{jax.tree.structure(bounds)} vs {jax.tree.structure(thresholds)}.")
+  lo = ravel_pytree(jax.tree.map(lambda b: b[0], bounds))[0]
+  hi = ravel_pytree(jax.tree.map(lambda b: b[1], bounds))[0]
+  return jnp.clip(flat, lo, hi)
+
+
+def _make_guarded_step(loss_fn, tx: optax.GradientTransformation, project: bool):
   """``step(trainable, opt_state, frozen, x, target)``: one guarded optimizer update.
 
-  ``loss_fn`` returns ``(loss, bounds)``; ``project(trainable, bounds)`` maps the
-  updated variables back into their ranges (the bounds are constants of the
-  traced model, so they cost nothing at run time).
+  ``loss_fn`` returns ``(loss, bounds)``; with ``project`` the updated
+  thresholds are clipped into their bounds (constants of the traced model, so
+  they cost nothing at run time). A step whose loss, new variables or new
+  optimizer state are not finite is dropped: the last good variables are kept
+  and Adam's moments are reset. Each collection of ``trainable`` is updated as
+  one raveled vector.
   """
 
   @jax.jit
@@ -81,8 +96,19 @@ def _make_guarded_step(loss_fn, tx: optax.GradientTransformation, project):
     (value, bounds), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, frozen, x, target)
     updates, new_opt = tx.update(grads, opt_state, trainable)
-    new = project(optax.apply_updates(trainable, updates), bounds)
-    trainable, opt_state, ok = _guarded(trainable, opt_state, new, new_opt, value)
+    old, new, unravel = {}, {}, {}
+    for name, tree in trainable.items():
+      old[name], unravel[name] = ravel_pytree(tree)
+      new[name] = old[name] + ravel_pytree(updates[name])[0].astype(old[name].dtype)
+      if project and name == TRAINABLE_COLLECTION:
+        new[name] = _clip_flat(new[name], tree, bounds)
+    # The optimizer state too: a finite gradient above ~1.8e19 overflows Adam's
+    # second moment to inf while its update is 0, which would freeze that
+    # variable until the next reset without any non-finite loss or variable.
+    ok = jnp.isfinite(value) & _all_finite(new) & _all_finite(new_opt)
+    opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_opt,
+                             schedules.reset_adam(opt_state))
+    trainable = {name: unravel[name](jnp.where(ok, new[name], old[name])) for name in trainable}
     return trainable, opt_state, {"loss": value, "finite": ok}
 
   return step
@@ -92,14 +118,6 @@ def _apply_with_bounds(qmodel, variables, x):
   """(logits, threshold bounds) of one quantized forward pass."""
   out, state = qmodel.apply(variables, x, mutable=[BOUNDS_COLLECTION])
   return out, state.get(BOUNDS_COLLECTION, {})
-
-
-def project_trainable(trainable: dict, bounds) -> dict:
-  """``trainable`` with its ``thresholds`` collection projected onto ``bounds``."""
-  if TRAINABLE_COLLECTION not in trainable:
-    return trainable
-  return {**trainable,
-          TRAINABLE_COLLECTION: project_thresholds(trainable[TRAINABLE_COLLECTION], bounds)}
 
 
 def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str = "rmse",
@@ -118,7 +136,7 @@ def make_fat_step(qmodel: nn.Module, tx: optax.GradientTransformation, loss: str
     q, bounds = _apply_with_bounds(qmodel, {**frozen, **trainable}, x)
     return distillation_loss(q, teacher, loss), bounds
 
-  return _make_guarded_step(loss_fn, tx, project_trainable if project else lambda t, _: t)
+  return _make_guarded_step(loss_fn, tx, project)
 
 
 def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
@@ -132,4 +150,4 @@ def make_qat_step(qmodel: nn.Module, tx: optax.GradientTransformation):
     logits, bounds = _apply_with_bounds(qmodel, {**frozen, **trainable}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), bounds
 
-  return _make_guarded_step(loss_fn, tx, project_trainable)
+  return _make_guarded_step(loss_fn, tx, True)

@@ -281,7 +281,7 @@ def test_held_out_keep_best_never_returns_worse_than_the_start():
   p = variables.Partition(trainable={"w": {"v": jnp.full(3, 1.5)}}, frozen={})
   for lr, diverges in ((10.0, True), (0.05, False)):
     tx = optax.sgd(lr)
-    step = steps._make_guarded_step(loss_fn, tx, lambda t, _: t)
+    step = steps._make_guarded_step(loss_fn, tx, project=False)
     batches = ((x, 2.0 * x) for x in train_x)
     spec = loop.LoopSpec(name="toy", tag="t", steps_per_epoch=4, epochs=4, train_images=16,
                          knob="config.toy.learning_rate", score=score, select_every=2)

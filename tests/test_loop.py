@@ -16,7 +16,7 @@ def toy_step(lr=0.1):
   def loss_fn(trainable, frozen, x, target):
     pred = trainable["w"]["v"] * x + frozen["b"]["v"]
     return jnp.mean((pred - target) ** 2), {}
-  return tx, steps._make_guarded_step(loss_fn, tx, lambda t, _: t)
+  return tx, steps._make_guarded_step(loss_fn, tx, project=False)
 
 
 def toy_batches(n_steps, target=2.0, nan_at=()):
@@ -135,7 +135,7 @@ def test_a_killed_loop_resumes_to_the_uninterrupted_result(tmp_path, kill_at):
   tx = optax.adam(0.05)
   def loss_fn(trainable, frozen, x, target):
     return jnp.mean((trainable["w"]["v"] * x - target) ** 2), {}
-  step = steps._make_guarded_step(loss_fn, tx, lambda t, _: t)
+  step = steps._make_guarded_step(loss_fn, tx, project=False)
   score = lambda v: float(jnp.sum((v["w"]["v"] - 1.7) ** 2))
   kw = dict(steps_per_epoch=3, epochs=4, score=score, select_every=2, patience=3, log_every=2,
             checkpoint_every=3)

@@ -119,7 +119,7 @@ def test_nan_guard_catches_an_overflowing_adam_moment():
   the loss, the update (0) and the variables stay finite; the step is refused."""
   tx = schedules.fat_optimizer(1e-3, 400, 1e-4)
   step = steps._make_guarded_step(
-      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), tx, lambda t, _: t)
+      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), tx, project=False)
   t, opt = {"alpha": jnp.ones(3)}, tx.init({"alpha": jnp.ones(3)})
   t, opt, m = step(t, opt, {}, jnp.ones(3), None)
   assert bool(m["finite"])
@@ -130,7 +130,7 @@ def test_nan_guard_catches_an_overflowing_adam_moment():
   # An optimizer without state (SGD) passes the guard.
   sgd = optax.sgd(0.1)
   step = steps._make_guarded_step(
-      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), sgd, lambda t, _: t)
+      lambda t, frozen, x, target: (jnp.sum(t["alpha"] * x), {}), sgd, project=False)
   t, _, m = step({"alpha": jnp.ones(3)}, sgd.init({"alpha": jnp.ones(3)}), {}, jnp.ones(3), None)
   assert bool(m["finite"]) and np.allclose(t["alpha"], 0.9)
 

@@ -27,9 +27,10 @@ def optimizer(name: str, learning_rate: float, total_steps: int,
               momentum: float = 0.9) -> optax.GradientTransformation:
   """SGD with momentum (LSQ's) or Adam, the learning rate cosine-decayed to 0."""
   schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  # optax.flatten: the update runs on one raveled vector, as FAT's optimizer does.
   if name == "sgd":
-    return optax.sgd(schedule, momentum=momentum)
-  return optax.adam(schedule)
+    return optax.flatten(optax.sgd(schedule, momentum=momentum))
+  return optax.flatten(optax.adam(schedule))
 
 
 @functools.lru_cache(maxsize=4)
