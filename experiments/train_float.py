@@ -9,6 +9,7 @@ an uninterrupted run ends with (``experiments/run_dir.py``, ``fat.loop.StepCheck
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -67,8 +68,10 @@ def _train(config, stage: run_dir.Stage, model, train, test, steps_per_epoch: in
   tx = float_training.optimizer(config.learning_rate, config.weight_decay, total,
                                 int(config.warmup_epochs * steps_per_epoch),
                                 config.get("optimizer", "adamw"))
-  variables = model.init(jax.random.PRNGKey(config.seed),
-                         jnp.zeros((1,) + train.images.shape[1:]), train=False)
+  # One compiled init (the same values as eager init, op by op): eager, each
+  # initializer and shape would compile on its own.
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(config.seed), jnp.zeros((1,) + train.images.shape[1:]))
   mesh = parallel.data_mesh()
   params, stats = parallel.replicate((variables["params"], variables["batch_stats"]), mesh)
   opt_state = parallel.replicate(tx.init(params), mesh)  # as the step returns it: no recompile

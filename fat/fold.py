@@ -7,7 +7,9 @@ also for depthwise kernels ``(kh, kw, 1, C)``), and
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def fold_batch_norm(kernel, bias, scale, offset, mean, var, eps):
@@ -23,21 +25,28 @@ def fold_batch_norm(kernel, bias, scale, offset, mean, var, eps):
 
   Returns:
     ``(kernel, bias)`` such that ``x @ kernel + bias == BN(x @ W + b)``.
+
+  Concrete arrays fold in numpy (the same correctly rounded float32 operations
+  as JAX's eager ones, without compiling each op for each layer's shape);
+  traced ones (under ``jit``) in ``jax.numpy``.
   """
-  kernel = jnp.asarray(kernel)
+  traced = any(isinstance(a, jax.core.Tracer) for a in (kernel, bias, scale, offset, mean, var))
+  xp = jnp if traced else np
+  kernel = xp.asarray(kernel)
   cout = kernel.shape[-1]
-  scale = jnp.ones((cout,), kernel.dtype) if scale is None else jnp.asarray(scale)
-  offset = jnp.zeros((cout,), kernel.dtype) if offset is None else jnp.asarray(offset)
-  bias = jnp.zeros((cout,), kernel.dtype) if bias is None else jnp.asarray(bias)
-  mean = jnp.asarray(mean, kernel.dtype)
-  var = jnp.asarray(var, kernel.dtype)
+  scale = xp.ones((cout,), kernel.dtype) if scale is None else xp.asarray(scale)
+  offset = xp.zeros((cout,), kernel.dtype) if offset is None else xp.asarray(offset)
+  bias = xp.zeros((cout,), kernel.dtype) if bias is None else xp.asarray(bias)
+  mean = xp.asarray(mean, kernel.dtype)
+  var = xp.asarray(var, kernel.dtype)
   for name, v in (("bias", bias), ("scale", scale), ("offset", offset), ("mean", mean),
                   ("var", var)):
     if v.shape != (cout,):
       raise ValueError(f"BN {name} has shape {v.shape}, expected ({cout},) "
                        f"for kernel shape {kernel.shape}.")
-  mult = scale / jnp.sqrt(var + eps)
-  return kernel * mult, offset + (bias - mean) * mult
+  mult = scale / xp.sqrt(var + xp.asarray(eps, var.dtype))
+  folded = kernel * mult, offset + (bias - mean) * mult
+  return folded if traced else tuple(jnp.asarray(a) for a in folded)
 
 
 def fold_variables(variables, eps: float) -> dict:
