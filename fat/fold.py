@@ -46,7 +46,7 @@ def fold_batch_norm(kernel, bias, scale, offset, mean, var, eps):
                        f"for kernel shape {kernel.shape}.")
   mult = scale / xp.sqrt(var + xp.asarray(eps, var.dtype))
   folded = kernel * mult, offset + (bias - mean) * mult
-  return folded if traced else tuple(jnp.asarray(a) for a in folded)
+  return folded if traced else tuple(jax.device_put(a) for a in folded)
 
 
 def fold_variables(variables, eps: float) -> dict:

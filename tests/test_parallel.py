@@ -39,7 +39,7 @@ model = tiny_net()
 rng = np.random.default_rng(0)
 x = rng.uniform(-1, 1, (48, 28, 28, 1)).astype(np.float32)
 y = rng.integers(0, 10, 48)
-v = model.init(jax.random.PRNGKey(0), x[:1])
+v = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
 meshes = {1: parallel.data_mesh(jax.devices()[:1]), 2: parallel.data_mesh(jax.devices())}
 out = {}
 

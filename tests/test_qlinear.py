@@ -172,7 +172,7 @@ def test_layer_threshold_gradients_same_with_and_without_weight_training():
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 9, 9, 3), jnp.float64)
     fat_model = _Tiny(mode=fat_mode)
     qat_model = _Tiny(mode=dataclasses.replace(fat_mode, weights_trained=True))
-    variables = fat_model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(fat_model.init)(jax.random.PRNGKey(0), x)
     part = fat_variables.partition(variables)
     thresholds = jax.tree.map(lambda a: a * 0.8, part.trainable)
 
