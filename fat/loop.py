@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from fat import parallel
+from fat.errors import CheckpointError
 from fat.variables import Partition
 
 
@@ -123,9 +124,24 @@ class StepCheckpoints:
     if self.manager is None or self.manager.latest_step() is None:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, arrays)
-    out = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+          arrays=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
+    except ValueError as e:  # orbax: a tree that differs from this run's
+      raise self._mismatch(str(e).strip().splitlines()[0] if str(e).strip() else "") from e
+    # orbax returns the saved shapes whatever the target's: compare them here.
+    for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                 jax.tree.leaves(out.arrays)):
+      if (np.shape(got), np.dtype(got.dtype)) != (want.shape, np.dtype(want.dtype)):
+        raise self._mismatch(f"{jax.tree_util.keystr(path)} is {np.shape(got)} "
+                             f"{got.dtype}, this run has {want.shape} {want.dtype}")
     return out.arrays, out.counters
+
+  def _mismatch(self, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"the step checkpoint in {self.manager.directory} does not match this run's "
+        f"training state ({detail}); it was saved by other code or another config. Start "
+        "over with --fresh, or delete that folder.")
 
   def due(self, step: int, last: bool) -> bool:
     return self.manager is not None and (last or step % self.every == 0)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from fat import loop, steps, variables
+from fat.errors import CheckpointError
 
 
 def toy_step(lr=0.1):
@@ -155,3 +156,20 @@ def test_a_killed_loop_resumes_to_the_uninterrupted_result(tmp_path, kill_at):
   # A finished loop's folder gives its result again without a step.
   again = loop.train(None, p, tx.init(p.trainable), iter(()), resumed_spec)
   jax.tree.map(np.testing.assert_array_equal, again.variables, full.variables)
+
+
+def test_a_step_checkpoint_of_another_state_is_a_checkpoint_error(tmp_path):
+  """A step checkpoint whose tree differs from the run's (saved by other code,
+  e.g. an optimizer state of another structure) is refused with one message."""
+  saver = loop.StepCheckpoints(str(tmp_path), 1)
+  saver.save(1, {"t": {"a": np.ones(3, np.float32)}}, {"step": 1})
+  saver.close()
+  saver = loop.StepCheckpoints(str(tmp_path), 1)
+  for other in ({"t": {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}},
+                {"t": {"a": np.ones(4, np.float32)}}):
+    with pytest.raises(CheckpointError, match="does not match this run's training state.*--fresh"):
+      saver.restore(other)
+  restored, counters = saver.restore({"t": {"a": np.zeros(3, np.float32)}})
+  np.testing.assert_array_equal(restored["t"]["a"], np.ones(3))
+  assert counters == {"step": 1}
+  saver.close()
