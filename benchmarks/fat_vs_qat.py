@@ -24,6 +24,7 @@ from experiments import cli
 from fat import (checkpoints, data, evaluate, float_training, models, pipeline, schedules,
                  steps)
 from fat import variables as fat_variables
+from fat.methods import qat
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/fashion_mnist/mobilenet_v2", "Float checkpoint.")
@@ -98,7 +99,7 @@ def run(variables, meta, train, test):
   fat_part = fat_variables.partition(qvars)
   fat_state = (fat_part.trainable, fat_tx.init(fat_part.trainable))
   fat_run = lambda s, b: fat_step(s[0], s[1], fat_part.frozen, *b)[:2]
-  qat_tx = optax.flatten(optax.adam(FLAGS.qat_learning_rate))  # as fat.methods.qat runs it
+  qat_tx = qat.optimizer(FLAGS.qat_learning_rate)
   qat_step = steps.make_qat_step(qmodel, qat_tx)
   qat_part = fat_variables.partition(qvars, fat_variables.QAT_TRAINABLE)
   qat_run = lambda s, b: qat_step(s[0], s[1], qat_part.frozen, *b)[:2]

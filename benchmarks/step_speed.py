@@ -31,6 +31,7 @@ from configs import default
 from experiments import cli
 from fat import float_training, models, pipeline, schedules, steps
 from fat import variables as fat_variables
+from fat.methods import qat
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mobilenet_v2", "mnasnet"], "Models to time.")
@@ -70,7 +71,7 @@ def jax_case(name: str, width: float, size: int, batch: int, repeats: int) -> di
   out["fat_cached"] = timed(lambda: fat_step(part.trainable, fat_opt, part.frozen, x, teacher),
                             repeats)
 
-  qat_tx = optax.flatten(optax.adam(1e-5))  # as fat.methods.qat runs it
+  qat_tx = qat.optimizer(1e-5)
   qat_step = steps.make_qat_step(p.qmodel, qat_tx)
   qat = fat_variables.partition(p.variables, fat_variables.QAT_TRAINABLE)
   qat_opt = qat_tx.init(qat.trainable)

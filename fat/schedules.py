@@ -86,9 +86,10 @@ def fat_optimizer(learning_rate: float, reset_steps: int = 400, decay: float = 1
   """Adam with FAT's cosine-and-reset schedule; ``scales`` (optional, a tree
   like the parameters') multiplies each leaf's learning rate.
 
-  Adam runs on the parameters raveled into one vector (``optax.flatten``; the
-  same numbers as per leaf): a network's few hundred threshold leaves would
-  otherwise each add their own ops to the step's program.
+  Adam runs on the parameters raveled into one vector (``optax.flatten``): a
+  network's few hundred threshold leaves would otherwise each add their own ops
+  to the step's program. The formula is the same as per leaf; XLA's rounding of
+  some elements differs in the last bit.
   """
   tx = optax.flatten(optax.chain(
       reset_every(optax.scale_by_adam(), reset_steps),
