@@ -197,11 +197,14 @@ def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, r
   assert part.trainable["thresholds"] is ctx.variables["thresholds"]
   mask = adaround.weight_threshold_mask(ctx.variables)
   assert mask["stem"]["conv"]["alpha"] == 0.0 and mask["stem"]["act_q"]["alpha"] == 1.0
-  # Learning-rate factors: 0 on weight thresholds (their grids keep the learned integers).
+  # Learning-rate factors: 0 on weight thresholds (their grids keep the learned integers),
+  # the 8-bit width factor (config.fat.lr_by_width) on the activations'.
+  assert config.fat.lr_by_width
   assert built[0]["thresholds/block_1/expand/conv/alpha"] == 0.0
-  assert built[0]["thresholds/block_1/expand/act_q/alpha"] == 1.0
+  assert built[0]["thresholds/block_1/expand/act_q/alpha"] == pytest.approx(7 / 127)
   methods.get("fat_adaround_all").run(ctx)
-  assert recorded[1][0].name == "fat_adaround_all" and set(built[1].values()) == {1.0}
+  assert recorded[1][0].name == "fat_adaround_all"
+  assert sorted(built[1].values()) == pytest.approx([7 / 127] * len(built[1]))
 
 
 def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
