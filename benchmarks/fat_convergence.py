@@ -8,7 +8,9 @@ run under ``<workdir>`` (this one and those of earlier labels) into
 training loss (each step's batch, and its running mean) and the score keep-best
 saw (held-out or calibration images: ``scored_on``), by step, one line per
 label; and a markdown table with the start and kept scores, kept step, FAT's
-top-1 and its wall time. Run it once per recipe, e.g. "before" and "after"::
+top-1 and its wall time, and a second with one row per label and one column
+per setting (FAT's top-1 and kept step); both tables also go to
+``convergence.md``. Run it once per recipe, e.g. "before" and "after"::
 
   python -m benchmarks.fat_convergence --config=configs/fashion_mnist/fat_hard.py \\
       --workdir=runs/convergence --label=after --only=w4a4_per_channel
@@ -87,6 +89,27 @@ def markdown(runs: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def by_label(runs: dict) -> str:
+  """One row per label, one column per setting: FAT's top-1, its change from
+  fp32 and its kept step (an ablation's table)."""
+  settings = sorted({s for rows in runs.values() for s in rows})
+  lines = ["| label | recipe | " + " | ".join(settings) + " |",
+           "|---|---|" + "---|" * len(settings)]
+  for label, rows in runs.items():
+    recipe = next(iter(rows.values()))["recipe"] if rows else ""
+    cells = []
+    for name in settings:
+      r = rows.get(name)
+      if r is None:
+        cells.append("–")
+        continue
+      kept = r["kept_step"] if r["kept_step"] is not None else "last"
+      cells.append(f"{r['top1_pct']:.2f} ({r['top1_pct'] - r['fp32_top1_pct']:+.2f}), "
+                   f"kept {kept} / {r['steps']}")
+    lines.append(f"| {label} | {recipe} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _running_mean(values, width: int = 10) -> np.ndarray:
   v = np.asarray(values, np.float64)
   c = np.cumsum(np.insert(v, 0, 0.0))
@@ -151,9 +174,10 @@ def main(argv):
       train_and_evaluate(config, os.path.join(FLAGS.workdir, FLAGS.label))
     runs = collect(FLAGS.workdir)
     plot(runs, os.path.join(FLAGS.workdir, "convergence.png"))
-    table = markdown(runs)
+    table = markdown(runs) + "\n" + by_label(runs)
     from fat import atomic
     atomic.write_json(os.path.join(FLAGS.workdir, "convergence.json"), runs)
+    atomic.write_text(os.path.join(FLAGS.workdir, "convergence.md"), table)
     print(table, end="")
 
 

@@ -117,6 +117,40 @@ def test_seed_spread_reuse_reads_finished_runs(tmp_path):
   assert r.returncode == 2 and "no checkpoint at '/nonexistent/ckpt'" in r.stderr  # it ran
 
 
+def test_fat_convergence_tables_from_finished_runs(tmp_path):
+  """--plot_only gathers every <workdir>/<label>/report.json into the per-setting table,
+  the label-by-setting table (an ablation's), convergence.json and the plot."""
+  import json
+
+  from fat import atomic
+
+  def fat(top1, kept, steps, scores, recipe="ours", scored_on="held-out (5 images)"):
+    return {"top1_pct": top1, "agreement_pct": 95.0, "init": "ptq_mse", "recipe": recipe,
+            "train_seconds": 12.0, "steps": steps, "kept_step": kept, "scored_on": scored_on,
+            "loss_by_step": [[1, 1.0], [2, 0.9]], "calibration_loss_by_step": scores}
+  runs = {"exact": {"w4a4": fat(80.0, None, 4, [], "paper", None)},
+          "ours": {"w4a4": fat(85.5, 2, 4, [[0, 1.5], [2, 1.25], [4, 1.3]]),
+                   "w8a8": fat(92.0, 0, 4, [[0, 0.1], [2, 0.2]])}}
+  for label, settings in runs.items():
+    (tmp_path / label).mkdir()
+    atomic.write_json(str(tmp_path / label / "report.json"), {
+        "fp32": {"top1_pct": 92.5}, "settings": [
+            {"name": n, "best_ptq": "ptq_mse", "methods": {"fat": f, "ptq_mse": {"top1_pct": 70.0}}}
+            for n, f in settings.items()]})
+  r = subprocess.run([sys.executable, "-m", "benchmarks.fat_convergence", "--plot_only",
+                      f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert ("| w4a4 | ours | ours | held-out (5 images) | 1.5000 | 1.2500 | 2 / 4 | 85.50 | -7.00 "
+          "| 70.00 (ptq_mse) | 12 |") in r.stdout
+  assert "| w4a4 | exact | paper | — |  |  | last / 4 | 80.00 | -12.50 |" in r.stdout
+  assert "| exact | paper | 80.00 (-12.50), kept last / 4 | – |" in r.stdout
+  assert "| ours | ours | 85.50 (-7.00), kept 2 / 4 | 92.00 (-0.50), kept 0 / 4 |" in r.stdout
+  assert (tmp_path / "convergence.md").read_text() in r.stdout
+  assert json.loads((tmp_path / "convergence.json").read_text())["ours"]["w8a8"]["kept_step"] == 0
+  assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
 def test_timed_counts_calls_and_returns_median(monkeypatch):
   """On a fake clock each call takes the next of ``durations``: the first call, two
   warm-up calls (not timed), then three timed calls whose median is returned."""
