@@ -1,25 +1,30 @@
 """The paper's exact recipe and each of our additions switched on alone (the
-ablation table of configs/paper/README.md), on the Fashion-MNIST settings where
-PTQ loses accuracy: W4A4 and W3A8 per-channel and W6A6 per-tensor on
-MobileNet-v2, W8A8 per-tensor on MNASNet (args ``mnasnet_<row>``).
+ablation table of docs/convergence.md and configs/paper/README.md), on the
+Fashion-MNIST settings where PTQ loses accuracy: W4A4 and W3A8 per-channel and
+W6A6 per-tensor on MobileNet-v2, W8A8 per-tensor on MNASNet (args
+``mnasnet_<row>``).
 
 Rows (the config argument): ``exact`` (or '': ``config.fat.recipe = "paper"``),
-``projection``, ``keep_best``, ``best_start`` (``"paper+<row>"``),
-``rescaling`` (the exact recipe with ``config.equalize``), ``ours`` (the
-default recipe, every addition but rescaling). Rows without the best-PTQ start
-run only the min/max PTQ baseline beside FAT.
+``projection``, ``keep_best``, ``best_start``, ``lr_by_width``
+(``"paper+<row>"``), ``rescaling`` (the exact recipe with ``config.equalize``),
+``ours`` (every addition but rescaling: the default recipe, keep-best on 500
+held-out images and per-width learning rates) and ``ours_rescaling`` (ours with
+``config.equalize``). Rows without the best-PTQ start run only the min/max PTQ
+baseline beside FAT.
 
 Run one row (each writes report.json with FAT's top-1 per setting):
   python -m experiments.main --config=configs/fashion_mnist/paper_ablation.py:exact \
       --workdir=runs/ablation/exact
-  python -m experiments.main --config=configs/fashion_mnist/paper_ablation.py:mnasnet_exact \
-      --workdir=runs/ablation/mnasnet_exact
-Add ``--config.settings=...`` or use ``benchmarks.fat_convergence --only=...`` for one setting.
+The whole table, one folder per row, and its markdown (docs/convergence.md):
+  python -m benchmarks.fat_convergence --config=configs/fashion_mnist/paper_ablation.py:exact \
+      --workdir=runs/ablation/mobilenet_v2 --label=exact
+  (then each other row as its own --label; mnasnet_<row> into runs/ablation/mnasnet)
 """
 
 from configs import default
 
-ROWS = ("exact", "projection", "keep_best", "best_start", "rescaling", "ours")
+ROWS = ("exact", "projection", "keep_best", "best_start", "lr_by_width", "rescaling", "ours",
+        "ours_rescaling")
 ARGS = ("", "smoke") + ROWS + tuple(f"mnasnet_{r}" for r in ROWS)
 
 
@@ -37,8 +42,10 @@ def get_config(arg: str = ""):
     c.settings = [default.setting("w4a4_per_channel", 4, 4, True),
                   default.setting("w3a8_per_channel", 3, 8, True),
                   default.setting("w6a6_per_tensor", 6, 6, False)]
-  c.fat.recipe = {"exact": "paper", "rescaling": "paper", "ours": "ours"}.get(row, f"paper+{row}")
-  c.equalize = row == "rescaling"
-  if row not in ("best_start", "ours"):
+  ours = row in ("ours", "ours_rescaling")
+  c.fat.recipe = ("ours" if ours else "paper" if row in ("exact", "rescaling")
+                  else f"paper+{row}")
+  c.equalize = row in ("rescaling", "ours_rescaling")
+  if row != "best_start" and not ours:
     c.methods = ("ptq_minmax", "fat")
   return c
