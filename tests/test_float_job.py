@@ -83,8 +83,10 @@ def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path):
 
 
 def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
-  """SIGINT while the first train step compiles: one line, exit status 130, no
-  crash; the stage stays for the same command, which then finishes."""
+  """SIGINT while the first train step compiles (or, with a warm compilation cache,
+  while the first steps run): one line, exit status 130, no crash; the stage stays
+  for the same command, which then finishes. 3,200 examples (50 steps) keep the
+  job running past the signal even when the cache makes the compile instant."""
   import signal
   import subprocess
   import sys
@@ -92,7 +94,7 @@ def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
   from conftest import REPO
   args = ["--config=configs/fashion_mnist/mobilenet_v2_fp.py:smoke", f"--workdir={tmp_path / 'w'}",
           f"--config.output={tmp_path / 'ckpt'}", f"--config.model={TINY_MODEL}",
-          "--config.width=1.0"]
+          "--config.width=1.0", "--config.train_examples=3200"]
   proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
