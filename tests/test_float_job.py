@@ -97,7 +97,9 @@ def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
           "--config.width=1.0", "--config.train_examples=3200"]
   proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          # A test worker may ignore SIGINT, and a child inherits that.
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   started = tmp_path / "w" / ".partial" / "resume.json"
   deadline = time.time() + 300
   while not started.exists() and proc.poll() is None and time.time() < deadline:
