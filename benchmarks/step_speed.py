@@ -73,9 +73,10 @@ def jax_case(name: str, width: float, size: int, batch: int, repeats: int) -> di
 
   qat_tx = qat.optimizer(1e-5)
   qat_step = steps.make_qat_step(p.qmodel, qat_tx)
-  qat = fat_variables.partition(p.variables, fat_variables.QAT_TRAINABLE)
-  qat_opt = qat_tx.init(qat.trainable)
-  out["qat"] = timed(lambda: qat_step(qat.trainable, qat_opt, qat.frozen, x, y), repeats)
+  qat_part = fat_variables.partition(p.variables, fat_variables.QAT_TRAINABLE)
+  qat_opt = qat_tx.init(qat_part.trainable)
+  out["qat"] = timed(lambda: qat_step(qat_part.trainable, qat_opt, qat_part.frozen, x, y),
+                     repeats)
   return out
 
 
