@@ -83,10 +83,11 @@ def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path):
 
 
 def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
-  """SIGINT while the first train step compiles (or, with a warm compilation cache,
-  while the first steps run): one line, exit status 130, no crash; the stage stays
-  for the same command, which then finishes. 3,200 examples (50 steps) keep the
-  job running past the signal even when the cache makes the compile instant."""
+  """SIGINT while the first train steps compile or run: one line, exit status 130,
+  no crash; the stage stays for the same command, which then finishes. The child
+  gets the default SIGINT handling (a test worker may ignore SIGINT, and a child
+  inherits that), and 3,200 examples (50 steps) keep the job running past the
+  signal when a warm compilation cache makes the compile quick."""
   import signal
   import subprocess
   import sys
