@@ -4,7 +4,8 @@
 ``config.methods`` (``fat.methods``) on every setting of ``config.settings``
 and writes to ``workdir``: report.json, report.md, config.json, PNG plots,
 TensorBoard event files and, per setting, an orbax checkpoint of FAT's
-quantized variables (``checkpoints/<setting>``).
+quantized variables (``checkpoints/<setting>``) and every method's eval-split
+argmax (``predictions/<setting>.npz``).
 
 The job holds the workdir's lock and resumes after a kill
 (``experiments/run_dir.py``): a setting finished before the kill is read
@@ -22,6 +23,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from tqdm import tqdm
 
@@ -142,8 +144,11 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
     if done is not None:  # finished before an interruption
       entry, losses, variables = done["entry"], done["losses"], checkpoints.load(path)[0]
     else:
-      entry, variables, losses = run_setting(s, config, model, qfolded, splits, teacher,
-                                             evaluator, writer, ranges, stage.steps_dir(s.name))
+      entry, variables, losses, preds = run_setting(s, config, model, qfolded, splits, teacher,
+                                                    evaluator, writer, ranges,
+                                                    stage.steps_dir(s.name))
+      write_predictions(os.path.join(workdir, "predictions", f"{s.name}.npz"), preds,
+                        evaluator)
       checkpoints.save(path, variables,
                        {**meta, "setting": s.name, "config": s.to_dict(),
                         "fake_quant_top1_pct": entry["methods"]["fat"]["top1_pct"],
@@ -165,7 +170,7 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
 def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ranges,
                 checkpoint_dir=None):
   """Every selected method on setting ``s``; returns its report entry, FAT's
-  variables and the loss curves by method. Trained methods keep step
+  variables, the loss curves and the eval-split argmax by method. Trained methods keep step
   checkpoints under ``checkpoint_dir`` (None: none)."""
   qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
                                     next(splits["calib"].batches(1))[0])
@@ -200,4 +205,18 @@ def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ra
     fat_only, method_only, p = evaluate.mcnemar(preds["fat"], preds[name], evaluator.split.labels)
     entry["methods"][name]["vs_fat"] = {"fat_only_correct": fat_only,
                                         "method_only_correct": method_only, "p_value": p}
-  return entry, ctx.results["fat"], losses
+  return entry, ctx.results["fat"], losses, preds
+
+
+def write_predictions(path: str, preds: dict, evaluator) -> None:
+  """``path`` (.npz): each method's argmax on the eval split, with the labels and the
+  float model's argmax (``labels``, ``fp32``), for paired tests between any two
+  methods (``fat.evaluate.mcnemar``; report.json holds each against FAT only)."""
+  arrays = {"labels": evaluator.split.labels, "fp32": evaluator.reference,
+            **{f"method/{m}": p for m, p in preds.items()}}
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the name
+      np.savez(f, **{k: np.asarray(v, np.int16) for k, v in arrays.items()})
+
+  atomic.write_file(path, write)

@@ -3,6 +3,7 @@ their tables (benchmarks/tables.py) hold what the reports say, and the shared ti
 times what it is given."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -86,7 +87,6 @@ def test_onnx_latency_names_a_missing_or_unreadable_export(tmp_path):
 def test_seed_spread_reuse_reads_finished_runs(tmp_path):
   """With --reuse a seed whose folder holds a finished run of the same config is read,
   not run (a run would fail here: the config names no float checkpoint)."""
-  import json
 
   from configs import default
   from fat import atomic
@@ -120,7 +120,6 @@ def test_seed_spread_reuse_reads_finished_runs(tmp_path):
 def test_fat_convergence_tables_from_finished_runs(tmp_path):
   """--plot_only gathers every <workdir>/<label>/report.json into the per-setting table,
   the label-by-setting table (an ablation's), convergence.json and the plot."""
-  import json
 
   from fat import atomic
 
@@ -258,3 +257,52 @@ def test_lr_sweep_needs_calibration_scores():
   del r["settings"][0]["methods"]["fat"]["calibration_loss_by_step"]
   with pytest.raises(ValueError, match="config.fat.keep_best = True"):
     tables.lr_sweep_markdown({1e-3: [r]})
+
+
+def _peer_setting(name, wbits, abits, correct, walls):
+  """A report entry and its predictions: ``correct[m]`` of 100 images right."""
+  labels = np.zeros(100, np.int16)
+  preds = {"labels": labels, "fp32": labels.copy()}
+  methods = {}
+  for m, k in correct.items():
+    preds[m] = np.where(np.arange(100) < k, 0, 1).astype(np.int16)
+    methods[m] = {"top1_pct": float(k), "agreement_pct": float(k),
+                  "wall_seconds": walls.get(m, 1.0), "images": 64}
+  return {"name": name, "weight_bits": wbits, "act_bits": abits, "methods": methods}, preds
+
+
+def test_peer_targets_from_a_finished_job(tmp_path):
+  """benchmarks.peers reads report.json and predictions/<setting>.npz and checks each
+  target on the numbers it was given: met, not met, and McNemar between any two methods."""
+  from benchmarks import peers
+  settings = [
+      _peer_setting("w8a8_per_channel", 8, 8, {"ptq_minmax": 90, "fat": 100}, {}),
+      _peer_setting("w4a8_per_channel", 4, 8,
+                    {"ptq_minmax": 80, "ptq_adaround": 98, "fat": 99, "fat_adaround": 99},
+                    {"ptq_adaround": 20.0, "fat_adaround": 10.0, "fat": 10.0}),
+      _peer_setting("w4a4_per_channel", 4, 4,
+                    {"ptq_minmax": 50, "ptq_adaround": 70, "fat": 90, "fat_adaround": 99},
+                    {"ptq_adaround": 10.0, "fat_adaround": 10.0, "fat": 10.0})]
+  rep = {"model": "m", "dataset": "d", "eval_examples": 100, "calibration_images": 64,
+         "fp32": {"top1_pct": 100.0}, "settings": [s for s, _ in settings]}
+  (tmp_path / "predictions").mkdir()
+  (tmp_path / "report.json").write_text(json.dumps(rep))
+  for s, p in settings:
+    np.savez(tmp_path / "predictions" / f"{s['name']}.npz",
+             **{(k if k in ("labels", "fp32") else f"method/{k}"): v for k, v in p.items()})
+  got = {(s, t): (v, ok) for s, t, v, ok in peers.targets(*peers.read(str(tmp_path)))}
+  w8 = got[("w8a8_per_channel", "no method significantly below float (p < 0.05)")]
+  assert w8[0].startswith("ptq_minmax (p = 0.002") and not w8[1]
+  share = got[("w4a8_per_channel", "AdaRound closes ≥ 90% of the min/max-to-float gap")]
+  assert share == ("90% (80.00 → 98.00, float 100.00)", True)
+  assert got[("w4a8_per_channel", "fat_adaround ≥ float − 0.2 pt")] == ("-1.00 pt", False)
+  assert got[("w4a4_per_channel", "fat_adaround ≥ float − 1 pt")] == ("-1.00 pt", True)
+  above = got[("w4a4_per_channel", "fat_adaround above ptq_adaround, p < 0.05")]
+  assert above[0].startswith("+29.00 pt; 29 / 0, p = ") and above[1]
+  cost = got[("w4a8_per_channel", "ptq_adaround + fat_adaround wall ≤ 3× fat's")]
+  assert cost == ("3.00× (30 s against 10 s; images 64 against 64)", True)
+  text = peers.methods_markdown(*peers.read(str(tmp_path)))
+  assert "| w4a4_per_channel | ptq_adaround | 70.00 | 70.00 | -30.00 | 10 | 64 | 20 / 0" in text
+  os.remove(tmp_path / "predictions" / "w4a4_per_channel.npz")
+  with pytest.raises(ValueError, match="kept no per-image predictions"):
+    peers.read(str(tmp_path))

@@ -75,6 +75,27 @@ def test_outputs_written(smoke_run):
   assert alphas and all(np.all(np.isfinite(a)) for a in alphas)
 
 
+def test_predictions_reproduce_the_reports_paired_tests(smoke_run):
+  """predictions/<setting>.npz holds every method's eval argmax: its top-1 and
+  its McNemar against FAT are the report's, so any two methods can be compared."""
+  from fat import evaluate
+  workdir, report = smoke_run
+  for s in report["settings"]:
+    with np.load(os.path.join(workdir, "predictions", f"{s['name']}.npz")) as f:
+      arrays = dict(f)
+    labels = arrays.pop("labels")
+    assert len(labels) == 200 and arrays.pop("fp32").shape == labels.shape
+    assert sorted(arrays) == sorted(f"method/{m}" for m in s["methods"])
+    fat = arrays["method/fat"]
+    for m, entry in s["methods"].items():
+      assert evaluate.top1_pct(arrays[f"method/{m}"], labels) == pytest.approx(entry["top1_pct"])
+      if m != "fat":
+        got = evaluate.mcnemar(fat, arrays[f"method/{m}"], labels)
+        want = entry["vs_fat"]
+        assert got == (want["fat_only_correct"], want["method_only_correct"],
+                       pytest.approx(want["p_value"]))
+
+
 def _leaves(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, dict):

@@ -1,0 +1,150 @@
+"""The peers' table and targets, from a finished peers job (docs/peers.md).
+
+  python -m experiments.main --config=configs/fashion_mnist/peers.py --workdir=runs/peers
+  python -m benchmarks.peers --workdir=runs/peers
+
+Reads the job's report.json and its per-image predictions
+(``predictions/<setting>.npz``) and prints, then writes to ``peers.md``:
+
+* per setting and method: top-1, agreement with float, the difference from
+  float, wall seconds and images read, the exact McNemar test against FAT and
+  against the float model;
+* the learned-rounding targets, each with its measured value and "met" or
+  "not met": AdaRound's share of the min/max-to-float gap at W4A8, FAT after
+  AdaRound against float (each variant in the job: ``fat_adaround`` trains the
+  activation thresholds, ``fat_adaround_all`` every threshold) and against
+  AdaRound alone, no method significantly below float at W8A8, and the cost of
+  FAT after AdaRound (its wall time plus AdaRound's) against FAT's.
+
+Flags are defined only when this runs as a script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+from fat import evaluate, report
+
+FLAGS = flags.FLAGS
+ROUNDED = ("fat_adaround", "fat_adaround_all")  # FAT with learned rounding
+# setting -> (largest loss of FAT with learned rounding against float, in points;
+# whether it must also be significantly above AdaRound alone)
+TARGETS = {"w4a8_per_channel": (0.2, False), "w4a4_per_channel": (1.0, True),
+           "w3a8_per_channel": (0.5, False)}
+GAP_SHARE = 0.9   # AdaRound's share of the min/max-to-float gap at W4A8
+COST_RATIO = 3.0  # FAT with learned rounding against FAT, wall time
+
+
+def read(workdir: str) -> tuple[dict, dict]:
+  """``(report.json, {setting: {"labels", "fp32", method: argmax}})`` of ``workdir``."""
+  path = os.path.join(workdir, "report.json")
+  try:
+    with open(path) as f:
+      rep = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path!r} ({type(e).__name__}); run the peers job to the end "
+                     "first: python -m experiments.main --config=configs/fashion_mnist/peers.py "
+                     f"--workdir={workdir}") from e
+  preds = {}
+  for s in rep["settings"]:
+    p = os.path.join(workdir, "predictions", f"{s['name']}.npz")
+    try:
+      with np.load(p) as f:
+        preds[s["name"]] = {k.removeprefix("method/"): f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read {p!r} ({type(e).__name__}); the job that wrote "
+                       f"{path!r} kept no per-image predictions: run it again into a new "
+                       "workdir") from e
+  return rep, preds
+
+
+def _test(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
+  a_only, b_only, p = evaluate.mcnemar(a, b, labels)
+  return f"{a_only} / {b_only}, p = {p:.2g}"
+
+
+def methods_markdown(rep: dict, preds: dict) -> str:
+  """One table row per setting and method."""
+  fp32 = rep["fp32"]["top1_pct"]
+  lines = [f"{rep['model']} on {rep['dataset']}, float top-1 {fp32:.2f}, "
+           f"{rep['eval_examples']} test images, {rep['calibration_images']} calibration images",
+           "", "| setting | method | top-1 % | agreement % | Δ vs float (pt) | wall s | images | "
+           "FAT-only / method-only correct, McNemar | float-only / method-only correct, McNemar |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for s in rep["settings"]:
+    p = preds[s["name"]]
+    for m in report.method_order(s["methods"]):
+      e = s["methods"][m]
+      vs_fat = "" if m == "fat" else _test(p["fat"], p[m], p["labels"])
+      lines.append(f"| {s['name']} | {m} | {e['top1_pct']:.2f} | {e['agreement_pct']:.2f} | "
+                   f"{e['top1_pct'] - fp32:+.2f} | {e.get('wall_seconds', 0):.0f} | "
+                   f"{e.get('images', '')} | {vs_fat} | "
+                   f"{_test(p['fp32'], p[m], p['labels'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def targets(rep: dict, preds: dict) -> list[tuple[str, str, str, bool]]:
+  """``(setting, target, measured, met)`` for each target the job's settings cover."""
+  fp32 = rep["fp32"]["top1_pct"]
+  rows = []
+  for s in rep["settings"]:
+    name, ms, p = s["name"], s["methods"], preds[s["name"]]
+    top1 = lambda m: ms[m]["top1_pct"]
+    if name == "w4a8_per_channel" and {"ptq_minmax", "ptq_adaround"} <= set(ms):
+      gap = fp32 - top1("ptq_minmax")
+      share = (top1("ptq_adaround") - top1("ptq_minmax")) / gap if gap > 0 else float("nan")
+      rows.append((name, f"AdaRound closes ≥ {GAP_SHARE:.0%} of the min/max-to-float gap",
+                   f"{share:.0%} ({top1('ptq_minmax'):.2f} → {top1('ptq_adaround'):.2f}, "
+                   f"float {fp32:.2f})", bool(share >= GAP_SHARE)))
+    for m in (m for m in ROUNDED if m in ms and name in TARGETS):
+      loss, above = TARGETS[name]
+      rows.append((name, f"{m} ≥ float − {loss:g} pt", f"{top1(m) - fp32:+.2f} pt",
+                   bool(top1(m) >= fp32 - loss)))
+      if above and "ptq_adaround" in ms:
+        a_only, b_only, pv = evaluate.mcnemar(p[m], p["ptq_adaround"], p["labels"])
+        rows.append((name, f"{m} above ptq_adaround, p < 0.05",
+                     f"{top1(m) - top1('ptq_adaround'):+.2f} pt; {a_only} / {b_only}, "
+                     f"p = {pv:.2g}", bool(a_only > b_only and pv < 0.05)))
+    if s["weight_bits"] == 8 and s["act_bits"] == 8:
+      below = []
+      for m in ms:
+        f_only, m_only, pv = evaluate.mcnemar(p["fp32"], p[m], p["labels"])
+        if f_only > m_only and pv < 0.05:
+          below.append(f"{m} (p = {pv:.2g})")
+      rows.append((name, "no method significantly below float (p < 0.05)",
+                   ", ".join(below) or f"none of {len(ms)}", not below))
+    if "fat" in ms and "ptq_adaround" in ms:
+      for m in (m for m in ROUNDED if m in ms):
+        wall = ms["ptq_adaround"]["wall_seconds"] + ms[m]["wall_seconds"]
+        ratio = wall / ms["fat"]["wall_seconds"]
+        rows.append((name, f"ptq_adaround + {m} wall ≤ {COST_RATIO:g}× fat's",
+                     f"{ratio:.2f}× ({wall:.0f} s against {ms['fat']['wall_seconds']:.0f} s; "
+                     f"images {ms[m]['images']} against {ms['fat']['images']})",
+                     bool(ratio <= COST_RATIO)))
+  return rows
+
+
+def targets_markdown(rows) -> str:
+  lines = ["| setting | target | measured | |", "|---|---|---|---|"]
+  lines += [f"| {s} | {t} | {v} | {'met' if ok else 'not met'} |" for s, t, v, ok in rows]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  with cli.exit_on_user_error():
+    rep, preds = read(FLAGS.workdir)
+    text = methods_markdown(rep, preds) + "\n" + targets_markdown(targets(rep, preds))
+    from fat import atomic  # pylint: disable=import-outside-toplevel
+    atomic.write_text(os.path.join(FLAGS.workdir, "peers.md"), text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", "runs/peers", "A finished peers job's workdir.")
+  cli.run(main)
