@@ -7,7 +7,9 @@ Needs ``python -m experiments.export --workdir=...`` first. Times the fp32
 model and the QDQ model of each setting of ``--settings`` (default: W8A8 and
 W4A8 per channel) at batch 1 and 64, with 1 and 2 intra-op threads, and prints
 one table: the median latency over repeated runs (after warm-up) and the ratio
-fp32 / QDQ (> 1: the QDQ model is faster). ``--setting`` is an alias of
+fp32 / QDQ (> 1: the QDQ model is faster). Each QDQ model runs with ORT's
+exact-int8 option (``fat.runtime.EXACT_INT8``) and, unless ``--noinexact``,
+also without it. ``--setting`` is an alias of
 ``--settings``. Flags are defined only when this runs as a script, so tests can
 import ``compute_summary``.
 
@@ -44,6 +46,9 @@ def define_flags() -> None:
                     "Exported settings whose QDQ models are timed against fp32 (comma-separated).")
   flags.DEFINE_alias("setting", "settings")
   flags.DEFINE_integer("repeats", 50, "Timed runs per case (batch 64 uses a fifth).")
+  flags.DEFINE_bool("inexact", True, "Also time each QDQ model without ORT's exact-int8 "
+                    "option (fat.runtime.EXACT_INT8), as '<setting> inexact': ORT's default "
+                    "uint8 x int8 kernel, which saturates on x86 CPUs without VNNI.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -73,11 +78,14 @@ def main(argv):
     if not FLAGS.settings:
       raise ValueError("--settings is empty; name at least one exported setting, "
                        "e.g. --settings=w8a8_per_channel,w4a8_per_channel.")
-    paths = {}
+    paths, exact = {}, {}
     for setting in FLAGS.settings:
       folder = os.path.join(FLAGS.workdir, deploy.EXPORT_DIR, setting)
       paths[setting] = os.path.join(folder, deploy.INT8)
       paths.setdefault("fp32", os.path.join(folder, deploy.FP32))
+      if FLAGS.inexact:
+        paths[f"{setting} inexact"] = paths[setting]
+        exact[f"{setting} inexact"] = False
     for p in paths.values():
       if not os.path.isfile(p):
         setting = os.path.basename(os.path.dirname(p))
@@ -88,8 +96,9 @@ def main(argv):
       for name, p in paths.items():
         setting = os.path.basename(os.path.dirname(p))
         for threads in THREADS:
-          opt = os.path.join(tmp, f"{name}_{threads}.onnx")
-          make = lambda q, t=threads, o=opt: runtime.session(q, t, optimized_path=o)
+          opt = os.path.join(tmp, f"{name.replace(' ', '_')}_{threads}.onnx")
+          make = lambda q, t=threads, o=opt, e=exact.get(name, True): runtime.session(
+              q, t, optimized_path=o, exact_int8=e)
           sessions[threads][name] = deploy.open_exported(make, p, FLAGS.workdir, setting)
         if name != "fp32":
           summaries[name] = compute_summary(onnx.load(opt).graph)

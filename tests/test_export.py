@@ -521,3 +521,42 @@ def test_every_product_asks_for_float32(impl):
   assert ("conv_general_dilated_grouped" in names) == (impl == "conv")
   highest = jax.lax.Precision.HIGHEST
   assert all(p in (highest, (highest, highest)) for _, p in seen), seen
+
+
+def _saturating_qdq(path):
+  """A QDQ 1x1 conv whose uint8 x int8 products saturate int16 pair sums: inputs at
+  the top of the uint8 grid (stored 255, zero point 128) times weights of 127."""
+  from onnx import TensorProto, helper
+  f = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)
+  inits = [f("s1", 1.0), numpy_helper.from_array(np.array(128, np.uint8), "z128"),
+           numpy_helper.from_array(np.full((1, 16, 1, 1), 127, np.int8), "wq"),
+           f("sw", 1.0), numpy_helper.from_array(np.array(0, np.int8), "z0"),
+           f("so", 4096.0)]
+  nodes = [helper.make_node("QuantizeLinear", ["x", "s1", "z128"], ["xq"]),
+           helper.make_node("DequantizeLinear", ["xq", "s1", "z128"], ["xd"]),
+           helper.make_node("DequantizeLinear", ["wq", "sw", "z0"], ["wd"]),
+           helper.make_node("Conv", ["xd", "wd"], ["y"]),
+           helper.make_node("QuantizeLinear", ["y", "so", "z128"], ["yq"]),
+           helper.make_node("DequantizeLinear", ["yq", "so", "z128"], ["out"])]
+  g = helper.make_graph(nodes, "saturate",
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 1, 1])],
+                        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, 1, 1])],
+                        inits)
+  onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+            path)
+
+
+def test_ort_sessions_compute_uint8_by_int8_products_exactly(tmp_path):
+  """fat.runtime's sessions set ORT's exact-int8 option: on x86 CPUs without VNNI,
+  where ORT's default uint8 x int8 kernel saturates (here its sum would be 2040,
+  0 output steps), the conv returns the integer result: 16 * 127 * 127 = 258064,
+  63 output steps of 4096. On other CPUs both kernels are exact, and only the
+  option check can fail."""
+  path = str(tmp_path / "saturate.onnx")
+  _saturating_qdq(path)
+  sess, ops = runtime.session_and_ops(path)
+  assert ops.get("QLinearConv") == 1, ops
+  assert sess.get_session_options().get_session_config_entry(
+      "session.x64quantprecision") == "1"
+  out = runtime.logits(sess, np.full((1, 16, 1, 1), 127.0, np.float32))
+  assert out.ravel().tolist() == [63 * 4096.0]
