@@ -4,7 +4,8 @@
       --setting=w4a8_per_channel
 
 Runs ``ptq_adaround`` as the main job runs it (the config's float model,
-calibration images, PTQ start and ``config.adaround``) on one setting, exports
+calibration images, PTQ start and ``config.adaround``, whose ``images`` picks
+the reconstruction images) on one setting, exports
 the result as ONNX QDQ (``fat.graph``, ``fat.export_onnx``), runs it in ONNX
 Runtime on the eval split and prints, as one JSON line: fake-quant and ORT
 top-1, their argmax agreement (the target: >= 99.5%), the integer reference's
@@ -49,7 +50,11 @@ def run(config, setting: str, integer_examples: int) -> dict:
   train, test = load("train"), load("test")
   if config.eval_examples:
     test = test.head(config.eval_examples)
-  calib = train.sample(config.fat.train_fraction, config.seed).head(config.calibration_images)
+  unlabeled, calib = data.distillation_splits(
+      train, train_fraction=config.fat.train_fraction,
+      calibration_images=config.calibration_images, seed=config.seed)
+  # The main job's reconstruction images (fat.methods.adaround.images).
+  recon_images = unlabeled.head(config.adaround.images) if config.adaround.images else calib
   folded = fold.fold_variables(float_vars, model.bn_eps)
   qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
                                     pipeline.first_batch(calib))
@@ -58,7 +63,8 @@ def run(config, setting: str, integer_examples: int) -> dict:
     start = calibrate.mse_search(qmodel, start, data.image_batches(calib, 128)[0],
                                  progress=False)
   t0 = time.time()
-  out, stats, _ = reconstruction.reconstruct(qmodel, start, calib, adaround.recon_spec(config),
+  out, stats, _ = reconstruction.reconstruct(qmodel, start, recon_images,
+                                             adaround.recon_spec(config),
                                              batch_size=config.calibration_batch_size,
                                              pattern=config.adaround.layers)
   seconds = time.time() - t0
@@ -83,7 +89,7 @@ def run(config, setting: str, integer_examples: int) -> dict:
           "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
           "integer_agreement_pct": evaluate.agreement_pct(ints, sim[:n]),
           "integer_examples": n, "eval_examples": len(x), "onnx_bytes": size,
-          "adaround_seconds": seconds, "devices": str(jax.devices()), **stats}
+          "adaround_seconds": seconds, "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
 
 
 def main(argv):
