@@ -30,6 +30,7 @@ from experiments import cli, config_checks
 from experiments.train import load_float
 from fat import (calibrate, data, evaluate, export_onnx, fold, graph, integer, models,
                  pipeline, reconstruction, runtime)
+from fat.errors import ExportError
 from fat.methods import adaround
 
 FLAGS = flags.FLAGS
@@ -70,7 +71,22 @@ def run(config, setting: str, integer_examples: int) -> dict:
   seconds = time.time() - t0
   x = np.concatenate([b for b, _ in test.batches(500)])
   sim = evaluate.predict(evaluate.make_predict(qmodel.apply), out, test, 500, progress=False)
-  nodes = graph.trace(qmodel, out, x[:2])
+  fp = evaluate.predict(evaluate.make_predict(pipeline.Prepared(
+      qmodel=qmodel, variables=qvars, folded=folded).fmodel.apply), folded, test, 500,
+      progress=False)
+  try:
+    deployed = _deploy(qmodel, out, x, sim, test.labels, integer_examples)
+  except ExportError as e:  # e.g. 4-bit activations: fake quant only, and why
+    deployed = {"onnx": f"not exported: {e}"}
+  return {"setting": setting, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
+          "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
+          "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
+          "eval_examples": len(x), "adaround_seconds": seconds, "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
+
+
+def _deploy(qmodel, variables, x, sim, labels, integer_examples: int) -> dict:
+  """ORT's and the integer reference's agreement with fake quant ``sim`` on ``x``."""
+  nodes = graph.trace(qmodel, variables, x[:2])
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "adaround.onnx")
     onnx.save(export_onnx.to_qdq(nodes, (None,) + x.shape[1:]), path)
@@ -79,17 +95,10 @@ def run(config, setting: str, integer_examples: int) -> dict:
     ort = runtime.logits(sess, x).argmax(-1)
   n = min(integer_examples, len(x))
   ints = integer.logits(nodes, x[:n]).argmax(-1)
-  fp = evaluate.predict(evaluate.make_predict(pipeline.Prepared(
-      qmodel=qmodel, variables=qvars, folded=folded).fmodel.apply), folded, test, 500,
-      progress=False)
-  return {"setting": setting, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
-          "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
-          "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp),
-          "ort_top1_pct": evaluate.top1_pct(ort, test.labels),
+  return {"ort_top1_pct": evaluate.top1_pct(ort, labels),
           "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
           "integer_agreement_pct": evaluate.agreement_pct(ints, sim[:n]),
-          "integer_examples": n, "eval_examples": len(x), "onnx_bytes": size,
-          "adaround_seconds": seconds, "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
+          "integer_examples": n, "onnx_bytes": size}
 
 
 def main(argv):
