@@ -5,12 +5,13 @@
 
 Runs ``ptq_adaround`` as the main job runs it (the config's float model,
 calibration images, PTQ start and ``config.adaround``, whose ``images`` picks
-the reconstruction images) on one setting, exports
-the result as ONNX QDQ (``fat.graph``, ``fat.export_onnx``), runs it in ONNX
-Runtime on the eval split and prints, as one JSON line: fake-quant and ORT
-top-1, their argmax agreement (the target: >= 99.5%), the integer reference's
-agreement with fake quant on the first ``--integer_examples`` images, the
-reconstruction stats and the wall times.
+the reconstruction images) on one setting, exports the result as ONNX QDQ
+(``fat.graph``, ``fat.export_onnx``), runs it in ONNX Runtime on the eval split
+and prints, as one JSON line: fake-quant and ORT top-1, their argmax agreement
+(the target: >= 99.5%), the integer reference's agreement with fake quant on
+the first ``--integer_examples`` images, the reconstruction stats and the wall
+times. A setting ONNX cannot represent (4-bit activations) gets its fake-quant
+numbers and the export's reason.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def run(config, setting: str, integer_examples: int) -> dict:
   return {"setting": setting, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
           "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
           "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
-          "eval_examples": len(x), "adaround_seconds": seconds, "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
+          "eval_examples": len(x), "adaround_seconds": seconds,
+          "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
 
 
 def _deploy(qmodel, variables, x, sim, labels, integer_examples: int) -> dict:
