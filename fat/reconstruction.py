@@ -392,6 +392,9 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
   learned = rules.with_rounding(qmodel.mode.rules, "learned", pattern)
   x = np.concatenate(list(data.image_batches(images, batch_size)[0]))
   rng, run = np.random.default_rng(spec.seed), _Run()
+  # The float model's weights: ``variables`` gets each unit's hardened kernel
+  # once learned, and the targets must stay the float model's outputs.
+  float_weights = {"params": variables["params"]}
   xq, xf, step_q = x, x, None
   for top in trace(qmodel, variables, x):
     if _has_weights(variables, top.path):
@@ -399,7 +402,7 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
       in_q, in_f, in_step = xq, xf, step_q
       for unit in top.children if block else (top,):
         fmod = standalone(unit, variables, (), "folded")
-        target, _ = _propagate(unit, fmod, _float_vars(variables, unit.path), in_f, None,
+        target, _ = _propagate(unit, fmod, _float_vars(float_weights, unit.path), in_f, None,
                                batch_size)
         qmod = standalone(unit, variables, learned, "quant")
         # The loss's module: qmod without its output quantizer unless quantize_output.
@@ -417,7 +420,7 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
     xq, step_q = _propagate(top, qmod, unit_variables(variables, top.path), xq, step_q,
                             batch_size)
     fmod = standalone(top, variables, (), "folded")
-    xf, _ = _propagate(top, fmod, _float_vars(variables, top.path), xf, None, batch_size)
+    xf, _ = _propagate(top, fmod, _float_vars(float_weights, top.path), xf, None, batch_size)
   stats = {"train_seconds": time.time() - t0, "train_images": int(len(x)), "steps": run.steps,
            "units": len(run.units), "granularity": spec.granularity,
            "flipped_pct": 100.0 * run.flipped / max(run.weights, 1),

@@ -220,6 +220,46 @@ def test_trace_follows_tiny_net_as_a_chain():
   assert rules.resolve(unit.mode.rules, "project/act_q", "act").bits == 8
 
 
+@pytest.mark.parametrize("granularity", [pytest.param("layer", marks=pytest.mark.slow), "block"])
+def test_every_unit_reconstructs_the_float_models_own_output(monkeypatch, granularity):
+  """The targets stay the float model's outputs after the units before are
+  hardened (4-bit weights and activations, where hardened weights in the
+  float chain once drove every later target off the float model's)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from fat import pipeline, reconstruction  # pylint: disable=import-outside-toplevel
+  model, x = tiny_net(), _images(32, 1)
+  v = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1])
+  s = pipeline.Setting(name="w4a4", weight_bits=4, act_bits=4, per_channel=True)
+  p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=32)
+  targets, learn = {}, reconstruction._learn  # pylint: disable=protected-access
+
+  def spy(unit, variables, module, output_module, xs, step, target, *rest):
+    targets[unit.path] = np.asarray(target)
+    return learn(unit, variables, module, output_module, xs, step, target, *rest)
+
+  monkeypatch.setattr(reconstruction, "_learn", spy)
+  spec = reconstruction.ReconSpec(granularity=granularity, iterations=3, learning_rate=0.5)
+  out, stats, _ = reconstruction.reconstruct(p.qmodel, p.variables, x, spec, batch_size=16)
+  float_out = {}
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      float_out["/".join(context.module.scope.path)] = np.asarray(
+          y[0] if isinstance(y, tuple) else y)
+    return y
+
+  with nn.intercept_methods(record):
+    p.fmodel.apply(p.folded, x)
+  units = (["stem", "block_0/dw", "block_0/project", "block_1/expand", "block_1/dw",
+            "block_1/project", "block_2/expand", "block_2/dw", "block_2/project"]
+           if granularity == "layer" else ["stem", "block_0", "block_1", "block_2"])
+  assert list(targets) == units + ["head", "classifier"]
+  assert stats["flipped_pct"] > 0  # later units ran after earlier kernels changed
+  for path, target in targets.items():
+    np.testing.assert_allclose(target, float_out[path], rtol=1e-5, atol=1e-5, err_msg=path)
+
+
 # --------------------------------------------------------------------------
 # Slow: reconstruction on tiny_net, then export.
 # --------------------------------------------------------------------------
