@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from experiments import cli, config_checks
 from experiments.train import load_float
 from fat import (calibrate, data, evaluate, export_onnx, fold, graph, integer, models,
-                 pipeline, reconstruction, runtime)
+                 pipeline, reconstruction, runtime, steps)
 from fat.errors import ExportError
 from fat.methods import adaround
 
@@ -60,10 +60,8 @@ def run(config, setting: str, integer_examples: int) -> dict:
   folded = fold.fold_variables(float_vars, model.bn_eps)
   qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
                                     pipeline.first_batch(calib))
-  start = calibrate.calibrate(qmodel, qvars, data.image_batches(calib, 128)[0], progress=False)
-  if config.adaround.start == "ptq_mse":
-    start = calibrate.mse_search(qmodel, start, data.image_batches(calib, 128)[0],
-                                 progress=False)
+  fmodel = pipeline.Prepared(qmodel=qmodel, variables=qvars, folded=folded).fmodel
+  init, start = _start(config, qmodel, qvars, calib, fmodel, folded)
   t0 = time.time()
   out, stats, _ = reconstruction.reconstruct(qmodel, start, recon_images,
                                              adaround.recon_spec(config),
@@ -72,9 +70,7 @@ def run(config, setting: str, integer_examples: int) -> dict:
   seconds = time.time() - t0
   x = np.concatenate([b for b, _ in test.batches(500)])
   sim = evaluate.predict(evaluate.make_predict(qmodel.apply), out, test, 500, progress=False)
-  fp = evaluate.predict(evaluate.make_predict(pipeline.Prepared(
-      qmodel=qmodel, variables=qvars, folded=folded).fmodel.apply), folded, test, 500,
-      progress=False)
+  fp = evaluate.predict(evaluate.make_predict(fmodel.apply), folded, test, 500, progress=False)
   try:
     deployed = _deploy(qmodel, out, x, sim, test.labels, integer_examples)
   except ExportError as e:  # e.g. 4-bit activations: fake quant only, and why
@@ -83,7 +79,29 @@ def run(config, setting: str, integer_examples: int) -> dict:
           "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
           "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
           "eval_examples": len(x), "adaround_seconds": seconds,
-          "adaround_images": len(recon_images), "devices": str(jax.devices()), **stats}
+          "adaround_images": len(recon_images), "init": init, "devices": str(jax.devices()), **stats}
+
+
+def _start(config, qmodel, qvars, calib, fmodel, folded) -> tuple[str, dict]:
+  """``(name, variables)`` of the PTQ start the main job gives ``ptq_adaround``
+  (``config.adaround.start``; "best": the lowest distillation loss on the
+  calibration images), among min/max and MSE."""
+  batches = lambda: data.image_batches(calib, 128)[0]
+  candidates = {"ptq_minmax": calibrate.calibrate(qmodel, qvars, batches(), progress=False)}
+  if "ptq_mse" in config.methods:
+    candidates["ptq_mse"] = calibrate.mse_search(qmodel, candidates["ptq_minmax"], batches(),
+                                                 progress=False)
+  name = config.adaround.start
+  if name == adaround.BEST:
+    teacher = evaluate.logits(jax.jit(fmodel.apply), folded, calib, 128)
+    apply = jax.jit(qmodel.apply)
+    loss = lambda v: float(steps.distillation_loss(evaluate.logits(apply, v, calib, 128),
+                                                    teacher, config.fat.loss))
+    name = min(candidates, key=lambda n: loss(candidates[n]))
+  if name not in candidates:
+    raise ValueError(f"config.adaround.start {name!r}: this benchmark starts from "
+                     f"{sorted(candidates)} or 'best'.")
+  return name, candidates[name]
 
 
 def _deploy(qmodel, variables, x, sim, labels, integer_examples: int) -> dict:

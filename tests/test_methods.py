@@ -2,6 +2,8 @@
 each built-in method asks of the loop (the toy method added in one file that
 reaches the report: tests/test_main_smoke.py)."""
 
+import dataclasses
+
 import pytest
 
 from configs import default
@@ -211,16 +213,24 @@ def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
   from fat import reconstruction
   config, make = tiny
   ctx = make()
-  ctx.results.update(ptq_minmax={**ctx.variables}, ptq_mse={**ctx.variables})
+  minmax, mse = {**ctx.variables}, {**ctx.variables}
+  ctx.results.update(ptq_minmax=minmax, ptq_mse=mse)
+  # "best" (the default): the PTQ result with the lowest distillation loss.
+  ctx = dataclasses.replace(ctx, distill=lambda v: 0.5 if v is mse else 1.0)
   calls = []
 
   def fake(qmodel, variables, images, spec, batch_size, pattern):
     calls.append((variables, len(images), spec, pattern))
     return variables, {"train_seconds": 1.0, "train_images": len(images)}, [(1, 0.1)]
   monkeypatch.setattr(reconstruction, "reconstruct", fake)
+  assert config.adaround.start == "best"
   result = methods.get("ptq_adaround").run(ctx)
   variables, n, spec, pattern = calls[0]
-  start = config.adaround.start
-  assert variables is ctx.results[start] and n == len(ctx.calib) and pattern == ".*"
+  assert variables is mse and n == len(ctx.calib) and pattern == ".*"
   assert spec.granularity == config.adaround.granularity and spec.seed == config.seed
-  assert result.stats["init"] == start and result.losses == [(1, 0.1)]
+  assert result.stats["init"] == "ptq_mse" and result.losses == [(1, 0.1)]
+  named = config.copy_and_resolve_references()
+  named.adaround.start = "ptq_minmax"  # a named start is taken as it is
+  assert methods.get("ptq_adaround").run(
+      dataclasses.replace(ctx, config=named)).stats["init"] == "ptq_minmax"
+  assert calls[1][0] is minmax

@@ -1,6 +1,8 @@
 """Learned rounding: AdaRound as a post-training method, and FAT after it.
 
-* ``ptq_adaround``: from the thresholds of a PTQ result (``config.adaround.start``),
+* ``ptq_adaround``: from the thresholds of a PTQ result (``config.adaround.start``;
+  "best": the one with the lowest distillation loss on the calibration images,
+  as FAT picks its start),
   every weight learns whether it rounds up or down, layer by layer (or block
   by block), by reconstructing the float model's outputs on unlabeled images
   (``fat.reconstruction``, ``fat.rounding``); the weights are then hardened onto
@@ -45,12 +47,21 @@ def images(ctx: Context):
   return ctx.calib if not n else ctx.unlabeled.head(n)
 
 
+BEST = "best"  # config.adaround.start: the PTQ result with the lowest distillation loss
+
+
+def start(ctx: Context) -> str:
+  """The PTQ result the rounding is learned on (``config.adaround.start``)."""
+  name = ctx.config.adaround.start
+  return fat_training.start(ctx) if name == BEST else name
+
+
 def run_adaround(ctx: Context) -> Result:
-  cfg = ctx.config.adaround
+  cfg, init = ctx.config.adaround, start(ctx)
   out, stats, losses = reconstruction.reconstruct(
-      ctx.qmodel, ctx.results[cfg.start], images(ctx), recon_spec(ctx.config),
+      ctx.qmodel, ctx.results[init], images(ctx), recon_spec(ctx.config),
       batch_size=ctx.config.calibration_batch_size, pattern=cfg.layers)
-  return Result(out, {**stats, "init": cfg.start}, losses)
+  return Result(out, {**stats, "init": init}, losses)
 
 
 def weight_threshold_mask(qvars: dict) -> dict:
@@ -86,9 +97,11 @@ def _run_fat_adaround(ctx: Context, name: str, train_weights: bool) -> Result:
 
 def validate_adaround(config) -> None:
   a = config.adaround
-  if a.start not in config.methods or get(a.start).kind != PTQ:
-    raise ValueError(f"config.adaround.start must be a PTQ method in config.methods, got "
-                     f"{a.start!r}; add it to config.methods or start from 'ptq_minmax'.")
+  ptq = [m for m in config.methods if get(m).kind == PTQ]
+  if not ptq or (a.start != BEST and a.start not in ptq):
+    raise ValueError(f"config.adaround.start must be {BEST!r} or a PTQ method in config.methods "
+                     f"(there: {ptq}), got {a.start!r}; add a PTQ method such as 'ptq_minmax' "
+                     "to config.methods.")
   for name in ("iterations", "batch_size"):
     checks.positive_int(f"adaround.{name}", a[name])
   checks.nonnegative_int("adaround.images", a.images, "the calibration images")
