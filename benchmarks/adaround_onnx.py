@@ -79,7 +79,8 @@ def run(config, setting: str, integer_examples: int) -> dict:
           "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
           "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
           "eval_examples": len(x), "adaround_seconds": seconds,
-          "adaround_images": len(recon_images), "init": init, "devices": str(jax.devices()), **stats}
+          "adaround_images": len(recon_images), "init": init, "devices": str(jax.devices()),
+          **stats}
 
 
 def _start(config, qmodel, qvars, calib, fmodel, folded) -> tuple[str, dict]:
