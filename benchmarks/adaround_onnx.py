@@ -3,9 +3,10 @@
   python -m benchmarks.adaround_onnx --config=configs/fashion_mnist/peers.py \
       --setting=w4a8_per_channel
 
-Runs ``ptq_adaround`` as the main job runs it (the config's float model,
-calibration images, PTQ start and ``config.adaround``, whose ``images`` picks
-the reconstruction images) on one setting, exports the result as ONNX QDQ
+Runs ``ptq_adaround`` (or, with ``--method=fat_adaround_joint``, AdaRound with
+the activation thresholds trained jointly) as the main job runs it (the
+config's float model, calibration images, PTQ start and ``config.adaround``,
+whose ``images`` picks the reconstruction images) on one setting, exports the result as ONNX QDQ
 (``fat.graph``, ``fat.export_onnx``), runs it in ONNX Runtime on the eval split
 and prints, as one JSON line: fake-quant and ORT top-1, their argmax agreement
 (the target: >= 99.5%), the integer reference's agreement with fake quant on
@@ -40,10 +41,12 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/fashion_mnist/peers.py", "Main-job config.")
   flags.DEFINE_string("setting", "w4a8_per_channel", "The config's setting to run.")
+  flags.DEFINE_enum("method", "ptq_adaround", ["ptq_adaround", adaround.JOINT],
+                    "ptq_adaround, or AdaRound with the activation thresholds trained jointly.")
   flags.DEFINE_integer("integer_examples", 1000, "Images for the integer reference.")
 
 
-def run(config, setting: str, integer_examples: int) -> dict:
+def run(config, setting: str, integer_examples: int, method: str = "ptq_adaround") -> dict:
   config_checks.only_settings(config, [setting])
   s = config.settings[0]
   name, kwargs, float_vars, _ = load_float(config)
@@ -64,7 +67,7 @@ def run(config, setting: str, integer_examples: int) -> dict:
   init, start = _start(config, qmodel, qvars, calib, fmodel, folded)
   t0 = time.time()
   out, stats, _ = reconstruction.reconstruct(qmodel, start, recon_images,
-                                             adaround.recon_spec(config),
+                                             adaround.method_spec(config, method),
                                              batch_size=config.calibration_batch_size,
                                              pattern=config.adaround.layers)
   seconds = time.time() - t0
@@ -75,7 +78,7 @@ def run(config, setting: str, integer_examples: int) -> dict:
     deployed = _deploy(qmodel, out, x, sim, test.labels, integer_examples)
   except ExportError as e:  # e.g. 4-bit activations: fake quant only, and why
     deployed = {"onnx": f"not exported: {e}"}
-  return {"setting": setting, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
+  return {"setting": setting, "method": method, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
           "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
           "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
           "eval_examples": len(x), "adaround_seconds": seconds,
@@ -125,7 +128,7 @@ def _deploy(qmodel, variables, x, sim, labels, integer_examples: int) -> dict:
 def main(argv):
   del argv
   with cli.exit_on_user_error():
-    print(json.dumps(run(FLAGS.config, FLAGS.setting, FLAGS.integer_examples)))
+    print(json.dumps(run(FLAGS.config, FLAGS.setting, FLAGS.integer_examples, FLAGS.method)))
 
 
 if __name__ == "__main__":

@@ -115,9 +115,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.adaround = ml_collections.ConfigDict(dict(
       start="best", granularity="layer", iterations=300, batch_size=32,
       learning_rate=1e-2, reg_weight=0.01, warmup=0.2, beta_range=(20.0, 2.0),
-      input="quantized", quantize_output=False, images=0, layers=".*"))
+      input="quantized", quantize_output=False, images=0, layers=".*",
+      threshold_learning_rate=1e-3))
   # FAT after AdaRound ("fat_adaround": activation thresholds; "fat_adaround_all":
-  # every threshold) follows config.fat's recipe.
+  # every threshold) follows config.fat's recipe; "fat_adaround_joint" trains
+  # the activation thresholds inside AdaRound's loop instead, unit by unit, at
+  # adaround.threshold_learning_rate, with each unit's output quantizer in its
+  # loss.
   # LSQ/LSQ+ (method "lsq", fat/methods/lsq.py): QAT with LSQ-scaled step-size
   # gradients, SGD with momentum and cosine decay (or "adam"), from `start`.
   c.lsq = ml_collections.ConfigDict(dict(

@@ -6,7 +6,7 @@ that its quantized output matches the float model's, on unlabeled images.
 
 ``qmodel`` is the setting's quantized model and ``variables`` its calibrated
 variables (the PTQ start: weight and activation thresholds stay as they are).
-The network is followed as a chain of its top-level modules (``trace``; the
+The network is followed as a chain of its top-level modules (``fat.chain``; the
 only glue between them may be a global average pool), carrying two tensors
 over every image: the float model's (the targets) and the quantized model's
 with the units before already hardened (the inputs; ``input="float"`` uses
@@ -39,12 +39,13 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from fat import data, graph, rounding, rules
-from fat.layers import ACT_COLLECTION, TRAINABLE_COLLECTION, ActQuant, QuantMode
+from fat import chain, data, rounding, rules
+from fat.chain import COLLECTIONS as _COLLECTIONS
+from fat.chain import Call, trace
+from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION, QuantMode
 
 GRANULARITIES = ("layer", "block")
 INPUTS = ("quantized", "float")
-_COLLECTIONS = ("params", TRAINABLE_COLLECTION, ACT_COLLECTION, rounding.COLLECTION)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,12 @@ class ReconSpec:
     quantize_output: whether the loss reads the unit's output after its output
       quantizer (True) or before it (False: Nagel et al.'s ``f_a(W~ x)``; the
       next unit's input quantization is not the rounding's to fix).
+    act_thresholds: also train the alpha and beta of the unit's activation
+      quantizers jointly with the rounding, on the same loss (BRECQ's and
+      QDrop's learned activation step sizes), clipped to their specs' ranges
+      after every step. Needs ``quantize_output`` (a layer's own output
+      quantizer is then in the loss).
+    threshold_learning_rate: Adam's, on those thresholds.
     seed: the batch sampling's.
   """
 
@@ -77,6 +84,8 @@ class ReconSpec:
   beta_end: float = 2.0
   input: str = "quantized"
   quantize_output: bool = False
+  act_thresholds: bool = False
+  threshold_learning_rate: float = 1e-3
   seed: int = 0
 
   def __post_init__(self):
@@ -89,142 +98,20 @@ class ReconSpec:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
     if not 0.0 <= self.warmup < 1.0:
       raise ValueError(f"warmup must be in [0, 1), got {self.warmup}.")
-    if not (self.learning_rate > 0 and self.reg_weight >= 0):
-      raise ValueError("learning_rate must be > 0 and reg_weight >= 0, got "
-                       f"{self.learning_rate} and {self.reg_weight}.")
-
-
-# --------------------------------------------------------------------------
-# The chain of top-level modules.
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Call:
-  """One module call: its path, the module, how its arguments are made from the
-  running ``(x, step)`` (``args``: "step" or a constant per argument after x),
-  the glue before it ("" or "mean"), the calls inside it (depth 2), and the
-  path (relative) of the quantizer that makes its output (None: none)."""
-
-  path: str
-  module: nn.Module
-  args: tuple
-  glue: str = ""
-  children: tuple = ()
-  output_quantizer: str | None = None
-
-
-class _Tracer:
-  """Records module calls at depth 1 and 2 with their inputs and outputs, and
-  the outputs of every activation quantizer."""
-
-  def __init__(self):
-    self.records: list[dict] = []
-    self.quantizers: list[tuple[str, object]] = []
-
-  def __call__(self, next_fun, args, kwargs, context):
-    path = context.module.scope.path
-    if context.method_name == "__call__" and isinstance(context.module, ActQuant):
-      out = self._record(next_fun, args, kwargs, context, path)
-      self.quantizers.append(("/".join(path), out[0]))
-      return out
-    return self._record(next_fun, args, kwargs, context, path)
-
-  def _record(self, next_fun, args, kwargs, context, path):
-    if context.method_name != "__call__" or not 1 <= len(path) <= 2 or not args:
-      return next_fun(*args, **kwargs)
-    if kwargs:
-      raise ValueError(f"reconstruction follows positional calls only; {'/'.join(path)!r} "
-                       f"takes {sorted(kwargs)} by keyword.")
-    rec = {"path": "/".join(path), "module": context.module, "args": args}
-    self.records.append(rec)
-    out = next_fun(*args, **kwargs)
-    rec["out"] = out if isinstance(out, tuple) else (out, None)
-    return out
-
-
-def _argspec(args, step, path: str) -> tuple:
-  spec = []
-  for a in args[1:]:
-    if a is step and a is not None:
-      spec.append("step")
-    elif a is None or isinstance(a, (bool, int, float, str)):
-      spec.append(("const", a))
-    else:
-      raise ValueError(f"reconstruction: an argument of {path!r} is neither the previous "
-                       "module's grid step nor a constant.")
-  return tuple(spec)
-
-
-def _follow(records, x, step, where: str, inner) -> list[Call]:
-  """``records`` as a chain from ``(x, step)``; ``inner(record, x, step)`` gives
-  a record's children and the function naming its output quantizer."""
-  calls = []
-  for rec in records:
-    arg, glue = rec["args"][0], ""
-    if arg is not x:
-      if getattr(x, "ndim", 0) == 4 and arg.ndim == 2 and arg.shape[-1] == x.shape[-1]:
-        glue = "mean"
-      else:
-        raise ValueError(f"reconstruction: {rec['path']!r} in {where} reads a tensor other "
-                         "than the previous module's output (only a global average pool may "
-                         "come between two modules).")
-    children, made_by = inner(rec, arg, step)
-    calls.append(Call(path=rec["path"], module=rec["module"],
-                      args=_argspec(rec["args"], step, rec["path"]), glue=glue,
-                      children=tuple(children), output_quantizer=made_by(rec)))
-    x, step = rec["out"]
-  return calls
-
-
-def trace(qmodel: nn.Module, variables: dict, sample) -> list[Call]:
-  """The top-level calls of ``qmodel`` as a chain. A top-level container (not a
-  ``fat.graph`` node) carries its inner calls with weights, also a chain."""
-  tracer, holder = _Tracer(), {}
-
-  def run(v, x):
-    holder["x"] = x
-    with nn.intercept_methods(tracer):
-      return qmodel.apply(v, x)
-
-  jax.eval_shape(run, {k: v for k, v in variables.items() if k in _COLLECTIONS},
-                 jnp.asarray(sample[:1], jnp.float32))
-
-  def made_by(rec):  # the quantizer inside rec whose output is rec's output
-    inside = [p for p, y in tracer.quantizers if y is rec["out"][0]
-              and p.startswith(rec["path"] + "/")]
-    return inside[0][len(rec["path"]) + 1:] if inside else None
-
-  def inner(rec, x, step):
-    if graph.is_node(rec["module"]):
-      return (), made_by
-    kids = [r for r in tracer.records if r["path"].startswith(rec["path"] + "/")
-            and _has_weights(variables, r["path"])]
-    return _follow(kids, x, step, rec["path"], lambda r, x, s: ((), made_by)), made_by
-
-  top = [r for r in tracer.records if "/" not in r["path"]]
-  return _follow(top, holder["x"], None, "the network", inner)
-
-
-def _subtree(tree: dict, path: str):
-  for name in path.split("/") if path else ():
-    if not isinstance(tree, dict) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree
-
-
-def _has_weights(variables: dict, path: str) -> bool:
-  sub = _subtree(variables["params"], path)
-  return sub is not None and any(k.endswith("kernel") for k in
-                                 traverse_util.flatten_dict(sub, sep="/"))
+    if not (self.learning_rate > 0 and self.reg_weight >= 0 and self.threshold_learning_rate > 0):
+      raise ValueError("learning_rate and threshold_learning_rate must be > 0 and reg_weight "
+                       f">= 0, got {self.learning_rate}, {self.threshold_learning_rate} and "
+                       f"{self.reg_weight}.")
+    if self.act_thresholds and not self.quantize_output:
+      raise ValueError("act_thresholds trains the thresholds of the quantizers in the loss; "
+                       "set quantize_output=True so that each unit's output quantizer is in it.")
 
 
 def unit_variables(variables: dict, path: str) -> dict:
   """The collections of ``variables`` below ``path``."""
   out = {}
   for col in _COLLECTIONS:
-    sub = _subtree(variables.get(col, {}), path)
+    sub = chain.subtree(variables.get(col, {}), path)
     if sub:
       out[col] = sub
   return out
@@ -261,13 +148,18 @@ def _call_args(argspec, step):
   return tuple(step if a == "step" else a[1] for a in argspec)
 
 
+def _glued(x, glue: str):
+  """``x`` after the glue before a module: itself, or its global average pool."""
+  if glue == "mean":
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+  return x
+
+
 def _forward(module: nn.Module, argspec: tuple, glue: str):
   """``(variables, x, step) -> (y, step)`` of a standalone module."""
 
   def apply(v, x, step):
-    if glue == "mean":
-      x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
-    out = module.apply(v, x, *_call_args(argspec, step))
+    out = module.apply(v, _glued(x, glue), *_call_args(argspec, step))
     return out if isinstance(out, tuple) else (out, None)
 
   return apply
@@ -305,25 +197,62 @@ def _error(y: np.ndarray, target: np.ndarray) -> float:
   return float(np.mean(np.sum(d * d, axis=-1)))
 
 
+def act_thresholds(sub: dict) -> dict:
+  """``{flat key: value}`` of the thresholds of ``sub``'s activation quantizers
+  (the ``thresholds`` of modules without a kernel)."""
+  flat = traverse_util.flatten_dict(sub.get(TRAINABLE_COLLECTION, {}), sep="/")
+  kernels = {_parent(k) for k in traverse_util.flatten_dict(sub["params"], sep="/")
+             if k.endswith("kernel")}
+  return {k: v for k, v in flat.items() if _parent(k) not in kernels}
+
+
+def _parent(key: str) -> str:
+  return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _with_thresholds(variables: dict, flat: dict) -> dict:
+  """``variables`` with the thresholds at the flat keys of ``flat`` replaced."""
+  if not flat:
+    return variables
+  tree = traverse_util.flatten_dict(variables[TRAINABLE_COLLECTION], sep="/")
+  return {**variables, TRAINABLE_COLLECTION: traverse_util.unflatten_dict({**tree, **flat},
+                                                                          sep="/")}
+
+
+def _bounds(module: nn.Module, argspec: tuple, glue: str, v: dict, x, step, keys) -> dict:
+  """``{flat key: [lo, hi]}`` of the thresholds at ``keys``, as their specs give them."""
+  _, state = module.apply(v, _glued(jnp.asarray(x[:1]), glue), *_call_args(argspec, step),
+                          mutable=[BOUNDS_COLLECTION])
+  got = traverse_util.flatten_dict(state.get(BOUNDS_COLLECTION, {}), sep="/")
+  return {k: got[k] for k in keys}
+
+
 @functools.lru_cache(maxsize=256)
-def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: float):
-  """``(tx, step)``: Adam and the jitted reconstruction step of one unit."""
-  tx = optax.adam(learning_rate)
+def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: float,
+                threshold_learning_rate: float):
+  """``(tx, step)``: Adam and the jitted reconstruction step of one unit, on
+  ``{"v": rounding variables, "t": flat activation thresholds}``."""
+  tx = optax.multi_transform(
+      {"v": optax.adam(learning_rate), "t": optax.adam(threshold_learning_rate)},
+      lambda tr: {name: jax.tree.map(lambda _: name, tree) for name, tree in tr.items()})
   forward = _forward(module, argspec, glue)
 
-  def loss_fn(v_round, frozen, x, step, target, beta, weight):
-    y, _ = forward({**frozen, rounding.COLLECTION: v_round}, x, step)
+  def loss_fn(train, frozen, x, step, target, beta, weight):
+    v = {**_with_thresholds(frozen, train["t"]), rounding.COLLECTION: train["v"]}
+    y, _ = forward(v, x, step)
     err = _recon_error(y, target)
-    reg = sum(rounding.regularizer(v, beta) for v in jax.tree.leaves(v_round))
+    reg = sum(rounding.regularizer(v, beta) for v in jax.tree.leaves(train["v"]))
     return err + weight * reg, err
 
   @jax.jit
-  def step(v_round, opt_state, frozen, xs, x_step, targets, idx, beta, weight):
+  def step(train, opt_state, frozen, bounds, xs, x_step, targets, idx, beta, weight):
     x, target = jnp.take(xs, idx, axis=0), jnp.take(targets, idx, axis=0)
     (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        v_round, frozen, x, x_step, target, beta, weight)
-    updates, opt_state = tx.update(grads, opt_state, v_round)
-    return optax.apply_updates(v_round, updates), opt_state, loss, err
+        train, frozen, x, x_step, target, beta, weight)
+    updates, opt_state = tx.update(grads, opt_state, train)
+    new = optax.apply_updates(train, updates)
+    new["t"] = {k: jnp.clip(t, bounds[k][0], bounds[k][1]) for k, t in new["t"].items()}
+    return new, opt_state, loss, err
 
   return tx, step
 
@@ -349,21 +278,28 @@ def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets
   sub = unit_variables(variables, unit.path)
   run.nearest += _error(_propagate(unit, module, sub, xs, step, batch)[0], targets)
   started = rounding.init_rounding(sub, module.mode.rules)
-  v_round = started[rounding.COLLECTION]
   frozen = {k: val for k, val in started.items() if k != rounding.COLLECTION}
-  tx, train = _train_step(module, unit.args, unit.glue, spec.learning_rate)
-  opt_state, n = tx.init(v_round), len(xs)
+  trained = {"v": started[rounding.COLLECTION],
+             "t": act_thresholds(sub) if spec.act_thresholds else {}}
+  bounds = (_bounds(module, unit.args, unit.glue, frozen, xs, step, trained["t"])
+            if trained["t"] else {})
+  tx, train = _train_step(module, unit.args, unit.glue, spec.learning_rate,
+                          spec.threshold_learning_rate)
+  opt_state, n = tx.init(trained), len(xs)
   dev_x, dev_t = jnp.asarray(xs), jnp.asarray(targets)  # one transfer for every step
   for t in range(spec.iterations):
     beta, on = rounding.annealed_beta(t, spec.iterations, spec.warmup, spec.beta_start,
                                       spec.beta_end)
     idx = rng.integers(0, n, min(spec.batch_size, n)).astype(np.int32)
-    v_round, opt_state, loss, _ = train(v_round, opt_state, frozen, dev_x, step, dev_t, idx,
-                                        np.float32(beta), np.float32(spec.reg_weight * on))
+    trained, opt_state, loss, _ = train(trained, opt_state, frozen, bounds, dev_x, step, dev_t,
+                                        idx, np.float32(beta),
+                                        np.float32(spec.reg_weight * on))
     run.steps += 1
     if run.steps % 50 == 0 or t + 1 == spec.iterations:
       run.losses.append((run.steps, float(loss)))
-  hard, counts = rounding.harden({**frozen, rounding.COLLECTION: v_round}, module.mode.rules)
+  hard, counts = rounding.harden(
+      {**_with_thresholds(frozen, trained["t"]), rounding.COLLECTION: trained["v"]},
+      module.mode.rules)
   learned = _propagate(unit, module, hard, xs, step, batch)
   run.learned += _error(learned[0], targets)
   out = learned if output_module is module else _propagate(unit, output_module, hard, xs,
@@ -397,7 +333,7 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
   float_weights = {"params": variables["params"]}
   xq, xf, step_q = x, x, None
   for top in trace(qmodel, variables, x):
-    if _has_weights(variables, top.path):
+    if chain.has_weights(variables, top.path):
       block = spec.granularity == "layer" and top.children
       in_q, in_f, in_step = xq, xf, step_q
       for unit in top.children if block else (top,):

@@ -162,13 +162,13 @@ def test_rules_select_learned_rounding_and_relocate():
 
 def test_registry_runs_the_new_methods_in_order():
   names = methods.names()
-  new = ("ptq_adaround", "fat_adaround", "fat_adaround_all", "lsq")
+  new = ("ptq_adaround", "fat_adaround", "fat_adaround_all", "fat_adaround_joint", "lsq")
   for name in new:  # trained: training columns, and not a candidate for FAT's start
     assert methods.get(name).kind == methods.TRAINED
-  assert methods.ordered(["lsq", "fat_adaround_all", "fat_adaround", "qat", "fat",
-                          "ptq_adaround", "ptq_mse", "ptq_minmax"]) == [
+  assert methods.ordered(["lsq", "fat_adaround_joint", "fat_adaround_all", "fat_adaround",
+                          "qat", "fat", "ptq_adaround", "ptq_mse", "ptq_minmax"]) == [
                               "ptq_minmax", "ptq_mse", "ptq_adaround", "fat", "fat_adaround",
-                              "fat_adaround_all", "qat", "lsq"]
+                              "fat_adaround_all", "fat_adaround_joint", "qat", "lsq"]
   assert set(names) >= set(new)
 
 
@@ -258,6 +258,42 @@ def test_every_unit_reconstructs_the_float_models_own_output(monkeypatch, granul
   assert stats["flipped_pct"] > 0  # later units ran after earlier kernels changed
   for path, target in targets.items():
     np.testing.assert_allclose(target, float_out[path], rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.slow
+def test_joint_training_moves_activation_thresholds_inside_their_bounds():
+  """act_thresholds: each unit's activation alphas train with its rounding,
+  stay inside their specs' range, and nothing else of the thresholds changes
+  but the hardened weights' alpha = 1; without it they stay as calibrated."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from fat import pipeline, reconstruction  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="set quantize_output=True"):
+    reconstruction.ReconSpec(act_thresholds=True)
+  model, x = tiny_net(), _images(32, 2)
+  v = jax.jit(model.init)(jax.random.PRNGKey(2), x[:1])
+  s = pipeline.Setting(name="w4a4", weight_bits=4, act_bits=4, per_channel=True)
+  p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=32)
+  flat = lambda tree: traverse_util.flatten_dict(tree["thresholds"], sep="/")
+  before = flat(p.variables)
+  acts = set(reconstruction.act_thresholds(p.variables))
+  # tiny_net's activation quantizers are the modules named *_q.
+  assert acts == {k for k in before if k.rsplit("/", 2)[-2].endswith("_q")}
+  runs = {}
+  for joint in (False, True):
+    spec = reconstruction.ReconSpec(granularity="block", iterations=20, learning_rate=0.1,
+                                    quantize_output=True, act_thresholds=joint,
+                                    threshold_learning_rate=0.05)
+    runs[joint] = flat(reconstruction.reconstruct(p.qmodel, p.variables, x, spec,
+                                                  batch_size=16)[0])
+  lo, hi = 0.5, 1.0  # fat.pipeline.setting_rules' alpha_range
+  moved = [k for k in acts if k.endswith("alpha") and runs[True][k] != before[k]]
+  assert moved
+  for k in acts:
+    assert runs[False][k] == before[k], k
+    if k.endswith("alpha"):
+      assert lo - 1e-6 <= float(runs[True][k]) <= hi + 1e-6, (k, runs[True][k])
+  for k in set(before) - acts:  # weight thresholds: hardened to alpha 1, beta 0
+    assert np.all(np.asarray(runs[True][k]) == (1.0 if k.endswith("alpha") else 0.0)), k
 
 
 # --------------------------------------------------------------------------

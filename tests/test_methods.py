@@ -234,3 +234,11 @@ def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
   assert methods.get("ptq_adaround").run(
       dataclasses.replace(ctx, config=named)).stats["init"] == "ptq_minmax"
   assert calls[1][0] is minmax
+  assert not (spec.act_thresholds or spec.quantize_output)
+  # The joint variant: the same start and images, its output quantizers in the
+  # loss and their thresholds trained.
+  joint = methods.get("fat_adaround_joint").run(ctx)
+  variables, n, spec, _ = calls[2]
+  assert variables is mse and n == len(ctx.calib) and joint.stats["init"] == "ptq_mse"
+  assert spec.act_thresholds and spec.quantize_output
+  assert spec.threshold_learning_rate == config.adaround.threshold_learning_rate

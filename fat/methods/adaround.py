@@ -15,10 +15,16 @@
   weight's alpha moves its grid, and the learned integers would be rounded to
   nearest on the new grid; only the activation thresholds train.
 * ``fat_adaround_all``: the same, training every threshold (weights' too).
+* ``fat_adaround_joint``: AdaRound from the same start with the activation
+  thresholds trained jointly with the rounding, unit by unit, on each unit's
+  reconstruction loss with its output quantizer in it (BRECQ's and QDrop's
+  learned activation step sizes; ``ReconSpec.act_thresholds``), at
+  ``config.adaround.threshold_learning_rate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -37,7 +43,19 @@ def recon_spec(config) -> reconstruction.ReconSpec:
       granularity=a.granularity, iterations=a.iterations, batch_size=a.batch_size,
       learning_rate=a.learning_rate, reg_weight=a.reg_weight, warmup=a.warmup,
       beta_start=float(a.beta_range[0]), beta_end=float(a.beta_range[1]), input=a.input,
-      quantize_output=a.quantize_output, seed=config.seed)
+      quantize_output=a.quantize_output, threshold_learning_rate=a.threshold_learning_rate,
+      seed=config.seed)
+
+
+JOINT = "fat_adaround_joint"
+
+
+def method_spec(config, name: str) -> reconstruction.ReconSpec:
+  """The ``ReconSpec`` method ``name`` ("ptq_adaround" or ``JOINT``) runs."""
+  spec = recon_spec(config)
+  if name == JOINT:  # the output quantizer in the loss, its thresholds trained
+    spec = dataclasses.replace(spec, act_thresholds=True, quantize_output=True)
+  return spec
 
 
 def images(ctx: Context):
@@ -56,10 +74,10 @@ def start(ctx: Context) -> str:
   return fat_training.start(ctx) if name == BEST else name
 
 
-def run_adaround(ctx: Context) -> Result:
+def run_adaround(ctx: Context, name: str = "ptq_adaround") -> Result:
   cfg, init = ctx.config.adaround, start(ctx)
   out, stats, losses = reconstruction.reconstruct(
-      ctx.qmodel, ctx.results[init], images(ctx), recon_spec(ctx.config),
+      ctx.qmodel, ctx.results[init], images(ctx), method_spec(ctx.config, name),
       batch_size=ctx.config.calibration_batch_size, pattern=cfg.layers)
   return Result(out, {**stats, "init": init}, losses)
 
@@ -106,6 +124,7 @@ def validate_adaround(config) -> None:
     checks.positive_int(f"adaround.{name}", a[name])
   checks.nonnegative_int("adaround.images", a.images, "the calibration images")
   checks.learning_rate("adaround.learning_rate", a.learning_rate)
+  checks.learning_rate("adaround.threshold_learning_rate", a.threshold_learning_rate)
   checks.boolean("adaround.quantize_output", a.quantize_output)
   checks.number("adaround.reg_weight", a.reg_weight, 0.0)
   checks.number("adaround.warmup", a.warmup, 0.0, 0.99)
@@ -148,3 +167,6 @@ register(Method(name="fat_adaround_all", kind=TRAINED, order=0.6,
                 run=fat_after_adaround("fat_adaround_all", True),
                 validate=validate_fat_adaround,
                 description="FAT's training of every threshold after AdaRound"))
+register(Method(name=JOINT, kind=TRAINED, order=0.7,
+                run=functools.partial(run_adaround, name=JOINT), validate=validate_adaround,
+                description="AdaRound with the activation thresholds trained jointly"))
