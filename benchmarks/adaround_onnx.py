@@ -6,12 +6,12 @@
 Runs ``ptq_adaround`` (or, with ``--method=fat_adaround_joint``, AdaRound with
 the activation thresholds trained jointly) as the main job runs it (the
 config's float model, calibration images, PTQ start and ``config.adaround``,
-whose ``images`` picks the reconstruction images) on one setting, exports the result as ONNX QDQ
-(``fat.graph``, ``fat.export_onnx``), runs it in ONNX Runtime on the eval split
-and prints, as one JSON line: fake-quant and ORT top-1, their argmax agreement
-(the target: >= 99.5%), the integer reference's agreement with fake quant on
-the first ``--integer_examples`` images, the reconstruction stats and the wall
-times. A setting ONNX cannot represent (4-bit activations) gets its fake-quant
+whose ``images`` picks the reconstruction images) on one setting, exports the
+result as ONNX QDQ (``fat.graph``, ``fat.export_onnx``), runs it in ONNX
+Runtime on the eval split and prints, as one JSON line: fake-quant and ORT
+top-1, their argmax agreement (the target: >= 99.5%), the integer reference's
+agreement with fake quant on the first ``--integer_examples`` images, the
+reconstruction stats and the wall times. A setting ONNX cannot represent (4-bit activations) gets its fake-quant
 numbers and the export's reason.
 """
 
@@ -78,7 +78,8 @@ def run(config, setting: str, integer_examples: int, method: str = "ptq_adaround
     deployed = _deploy(qmodel, out, x, sim, test.labels, integer_examples)
   except ExportError as e:  # e.g. 4-bit activations: fake quant only, and why
     deployed = {"onnx": f"not exported: {e}"}
-  return {"setting": setting, "method": method, "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
+  return {"setting": setting, "method": method,
+          "fp32_top1_pct": evaluate.top1_pct(fp, test.labels),
           "fake_quant_top1_pct": evaluate.top1_pct(sim, test.labels),
           "agreement_with_fp32_pct": evaluate.agreement_pct(sim, fp), **deployed,
           "eval_examples": len(x), "adaround_seconds": seconds,

@@ -201,13 +201,9 @@ def act_thresholds(sub: dict) -> dict:
   """``{flat key: value}`` of the thresholds of ``sub``'s activation quantizers
   (the ``thresholds`` of modules without a kernel)."""
   flat = traverse_util.flatten_dict(sub.get(TRAINABLE_COLLECTION, {}), sep="/")
-  kernels = {_parent(k) for k in traverse_util.flatten_dict(sub["params"], sep="/")
+  kernels = {rounding.parent(k) for k in traverse_util.flatten_dict(sub["params"], sep="/")
              if k.endswith("kernel")}
-  return {k: v for k, v in flat.items() if _parent(k) not in kernels}
-
-
-def _parent(key: str) -> str:
-  return key.rsplit("/", 1)[0] if "/" in key else ""
+  return {k: v for k, v in flat.items() if rounding.parent(k) not in kernels}
 
 
 def _with_thresholds(variables: dict, flat: dict) -> dict:

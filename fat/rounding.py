@@ -135,7 +135,7 @@ def _join(path: str, name: str) -> str:
   return f"{path}/{name}" if path else name
 
 
-def _parent(key: str) -> str:
+def parent(key: str) -> str:
   """The module path of a flattened variable key ("" for a root variable)."""
   return key.rsplit("/", 1)[0] if "/" in key else ""
 
@@ -146,7 +146,7 @@ def learned_layers(variables: dict, quant_rules) -> dict[str, quant.QuantSpec]:
   out = {}
   for key in flat:
     if key == "kernel" or key.endswith("/kernel"):
-      path = _parent(key)
+      path = parent(key)
       spec = weight_spec(quant_rules, path)
       if spec is not None and spec.rounding == "learned":
         out[path] = spec
@@ -206,7 +206,7 @@ def harden(variables: dict, quant_rules) -> tuple[dict, dict]:
   vs = traverse_util.flatten_dict(variables[COLLECTION], sep="/")
   flipped = total = 0
   for key, v in vs.items():
-    path = _parent(key)
+    path = parent(key)
     spec = weight_spec(quant_rules, path)
     kk, ka, kb = (_join(path, n) for n in ("kernel", "alpha", "beta"))
     new, ok, moved = _harden_layer(params[kk], v, alphas[ka], alphas[kb], spec)

@@ -85,11 +85,9 @@ def run_adaround(ctx: Context, name: str = "ptq_adaround") -> Result:
 def weight_threshold_mask(qvars: dict) -> dict:
   """The ``thresholds`` tree with 0.0 on weight quantizers (a module with a
   kernel) and 1.0 on activation quantizers."""
-  kernels = {k.rsplit("/", 1)[0] for k in traverse_util.flatten_dict(qvars["params"], sep="/")
-             if k.endswith("kernel")}
+  acts = reconstruction.act_thresholds(qvars)
   flat = traverse_util.flatten_dict(qvars[TRAINABLE_COLLECTION], sep="/")
-  return traverse_util.unflatten_dict(
-      {k: 0.0 if k.rsplit("/", 1)[0] in kernels else 1.0 for k in flat}, sep="/")
+  return traverse_util.unflatten_dict({k: 1.0 if k in acts else 0.0 for k in flat}, sep="/")
 
 
 def fat_after_adaround(name: str, train_weight_thresholds: bool):
