@@ -16,6 +16,7 @@ discards that progress.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -78,8 +79,36 @@ def effective_config(config: ml_collections.ConfigDict, unlabeled_images: int):
   return config
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       fresh: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+  """A job's checked config (``effective_config``), float model and data splits
+  (``unlabeled``, ``calib``, ``train``, ``test``); ``source`` fingerprints the
+  float file for resuming."""
+
+  config: ml_collections.ConfigDict
+  name: str
+  model_kwargs: dict
+  float_vars: dict
+  source: str
+  splits: dict
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shared:
+  """What every setting of a job shares (``shared_float``)."""
+
+  model: object
+  folded: dict
+  qfolded: dict
+  fmodel: object
+  teacher: np.ndarray
+  ranges: SharedRanges
+
+
+def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  """``config`` checked, its float model and data loaded and checked against
+  each other, nothing written: what the main job, and a benchmark that runs
+  its methods, start from."""
   config_checks.validate(config)
   name, model_kwargs, float_vars, source = load_float(config)
   load = lambda split: data.load(config.dataset, split, config.data_dir or None,
@@ -98,24 +127,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = effective_config(config, len(unlabeled))
   for m in config.methods:
     methods.get(m).check_data(config, train)
-  key = {"config": json.loads(config.to_json_best_effort()), "float": source}
+  return Inputs(config=config, name=name, model_kwargs=model_kwargs, float_vars=float_vars,
+                source=source, splits={"unlabeled": unlabeled, "calib": calib, "train": train,
+                                       "test": test})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       fresh: bool = False) -> dict:
+  inputs = load_inputs(config)
+  key = {"config": json.loads(inputs.config.to_json_best_effort()), "float": inputs.source}
   with run_dir.job(workdir, key, fresh) as stage:
     if stage.resumed:
       logging.warning("resuming the unfinished run in %s (pass --fresh to start over)", workdir)
-    return _run_settings(config, stage, (name, model_kwargs, float_vars),
-                         {"unlabeled": unlabeled, "calib": calib, "train": train, "test": test})
+    return _run_settings(inputs, stage)
 
 
-def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> dict:
-  """Every setting of ``config`` on the loaded float model and data; writes the
-  outputs into ``stage.path``, reading back the settings ``stage`` has as done."""
-  workdir = stage.path
-  name, model_kwargs, float_vars = float_model
-  model = models.create(name, **model_kwargs)
-  # TensorBoard's writer imports TensorFlow (3 s): here, not when the flags are checked.
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  folded = fold.fold_variables(float_vars, model.bn_eps)
+def shared_float(config: ml_collections.ConfigDict, inputs: Inputs) -> Shared:
+  """The float side every setting shares: folded (and, with ``config.equalize``,
+  rescaled) params, the float model, its logits on the unlabeled images and
+  the activation ranges of the calibration images."""
+  splits = inputs.splits
+  model = models.create(inputs.name, **inputs.model_kwargs)
+  folded = fold.fold_variables(inputs.float_vars, model.bn_eps)
   # Mutual rescaling (config.equalize) feeds the quantized models only; the fp32
   # row and the teacher keep the folded params (exact on the calibration images,
   # not on every image across ReLU6: fat/equalize.py).
@@ -123,17 +156,31 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
                                       batch_size=config.calibration_batch_size)
              if config.get("equalize", False) else folded)
   fmodel = quantized(model, (), stage="folded")
-  evaluator = evaluate.Evaluator(splits["test"], config.eval_batch_size)
-  fp32, evaluator.reference = evaluator(evaluate.make_predict(fmodel.apply), folded, "fp32")
   teacher = evaluate.logits(jax.jit(fmodel.apply), folded, splits["unlabeled"],
                             config.eval_batch_size)
+  ranges = SharedRanges(qfolded["params"], splits["calib"],
+                        batch_size=config.calibration_batch_size, percentile=config.percentile)
+  return Shared(model=model, folded=folded, qfolded=qfolded, fmodel=fmodel, teacher=teacher,
+                ranges=ranges)
+
+
+def _run_settings(inputs: Inputs, stage: run_dir.Stage) -> dict:
+  """Every setting of ``inputs.config`` on its float model and data; writes the
+  outputs into ``stage.path``, reading back the settings ``stage`` has as done."""
+  workdir, config, splits = stage.path, inputs.config, inputs.splits
+  name, model_kwargs = inputs.name, inputs.model_kwargs
+  # TensorBoard's writer imports TensorFlow (3 s): here, not when the flags are checked.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  shared = shared_float(config, inputs)
+  evaluator = evaluate.Evaluator(splits["test"], config.eval_batch_size)
+  fp32, evaluator.reference = evaluator(evaluate.make_predict(shared.fmodel.apply),
+                                        shared.folded, "fp32")
   out = {"model": name, "width": model_kwargs["width"], "dataset": config.dataset,
          "eval_examples": len(splits["test"]), "fp32": fp32,
          "calibration_images": len(splits["calib"]), "seed": config.seed, "settings": []}
   if "paper" in config:
     out["paper"] = config.paper.to_dict()
-  ranges = SharedRanges(qfolded["params"], splits["calib"],
-                        batch_size=config.calibration_batch_size, percentile=config.percentile)
   meta = {"model": name, "model_kwargs": model_kwargs, "dataset": config.dataset,
           "data_dir": config.data_dir, "preprocess": config.preprocess,
           "image_size": config.image_size, "fat": config.fat.to_dict()}
@@ -144,9 +191,8 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
     if done is not None:  # finished before an interruption
       entry, losses, variables = done["entry"], done["losses"], checkpoints.load(path)[0]
     else:
-      entry, variables, losses, preds = run_setting(s, config, model, qfolded, splits, teacher,
-                                                    evaluator, writer, ranges,
-                                                    stage.steps_dir(s.name))
+      entry, variables, losses, preds = run_setting(s, config, shared, splits, evaluator,
+                                                    writer, stage.steps_dir(s.name))
       write_predictions(os.path.join(workdir, "predictions", f"{s.name}.npz"), preds,
                         evaluator)
       checkpoints.save(path, variables,
@@ -160,32 +206,42 @@ def _run_settings(config, stage: run_dir.Stage, float_model, splits: dict) -> di
   writer.close()
   report.validate_report(out)
   plots.plot_thresholds(os.path.join(workdir, "thresholds.png"), thresholds)
-  plots.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"), qfolded["params"])
+  plots.plot_weight_ranges(os.path.join(workdir, "weight_ranges.png"),
+                           shared.qfolded["params"])
   plots.plot_losses(os.path.join(workdir, "loss.png"), curves)
   atomic.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   report.write_report(workdir, out)
   return out
 
 
-def run_setting(s, config, model, folded, splits, teacher, evaluator, writer, ranges,
+def setting_context(s, config, shared: Shared, splits: dict, writer=None,
+                    checkpoint_dir=None) -> methods.Context:
+  """The ``fat.methods.Context`` of setting ``s`` (a ``config.settings`` entry):
+  what every method run on it sees."""
+  qmodel, qvars = pipeline.quantize(shared.model, shared.qfolded,
+                                    pipeline.config_rules(s, config.fat),
+                                    next(splits["calib"].batches(1))[0])
+  apply_q = jax.jit(qmodel.apply)
+  # The distillation loss on the calibration images (training images; no labels).
+  cal_teacher = shared.teacher[:len(splits["calib"])]
+  distill = lambda v: float(steps.distillation_loss(
+      evaluate.logits(apply_q, v, splits["calib"], config.calibration_batch_size),
+      cal_teacher, config.fat.loss))
+  return methods.Context(config=config, setting=pipeline.Setting(**s.to_dict()), qmodel=qmodel,
+                         variables=qvars, calib=splits["calib"], unlabeled=splits["unlabeled"],
+                         train=splits["train"], teacher=shared.teacher,
+                         act_ranges=lambda statistic: shared.ranges(qmodel, statistic),
+                         distill=distill, results={}, writer=writer,
+                         checkpoint_dir=checkpoint_dir)
+
+
+def run_setting(s, config, shared: Shared, splits: dict, evaluator, writer,
                 checkpoint_dir=None):
   """Every selected method on setting ``s``; returns its report entry, FAT's
   variables, the loss curves and the eval-split argmax by method. Trained methods keep step
   checkpoints under ``checkpoint_dir`` (None: none)."""
-  qmodel, qvars = pipeline.quantize(model, folded, pipeline.config_rules(s, config.fat),
-                                    next(splits["calib"].batches(1))[0])
-  apply_q, predict_q = jax.jit(qmodel.apply), evaluate.make_predict(qmodel.apply)
-  # The distillation loss on the calibration images (training images; no labels).
-  cal_teacher = teacher[:len(splits["calib"])]
-  distill = lambda v: float(steps.distillation_loss(
-      evaluate.logits(apply_q, v, splits["calib"], config.calibration_batch_size),
-      cal_teacher, config.fat.loss))
-  ctx = methods.Context(config=config, setting=pipeline.Setting(**s.to_dict()), qmodel=qmodel,
-                        variables=qvars, calib=splits["calib"], unlabeled=splits["unlabeled"],
-                        train=splits["train"], teacher=teacher,
-                        act_ranges=lambda statistic: ranges(qmodel, statistic),
-                        distill=distill, results={}, writer=writer,
-                        checkpoint_dir=checkpoint_dir)
+  ctx = setting_context(s, config, shared, splits, writer, checkpoint_dir)
+  predict_q = evaluate.make_predict(ctx.qmodel.apply)
   entry = {k: s[k] for k in ("name", "weight_bits", "act_bits", "per_channel", "weight_kind",
                              "act_kind")}
   entry["methods"], preds, losses = {}, {}, {}

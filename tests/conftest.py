@@ -159,6 +159,20 @@ def tiny_net(num_classes=10, **kwargs):
   return TinyMobileNetV2(num_classes=num_classes, **{"small_input": True, **kwargs})
 
 
+@pytest.fixture
+def tiny_ckpt(tmp_path, monkeypatch):
+  """A float tiny_net checkpoint (random weights), and ``models.create``
+  building tiny_net whatever the name."""
+  from fat import checkpoints, models  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(models, "create", lambda name, **kwargs: tiny_net(**kwargs))
+  model = tiny_net()
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
+  path = str(tmp_path / "ckpt")
+  checkpoints.save(path, variables, {"model": "tiny_net",
+                                     "model_kwargs": {"num_classes": 10, "width": 1.0}})
+  return path
+
+
 def assert_integer_layers_match(nodes, acts, x, min_equal=0.999):
   """Each integer op of ``fat.integer``, given the simulation's integer inputs,
   reproduces the simulation's grid indices: within one step everywhere and at

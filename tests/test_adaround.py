@@ -355,3 +355,23 @@ def test_adarounded_weights_export_and_run_in_ort(reconstructed, tmp_path):
   sess, _ = runtime.session_and_ops(path)
   sim = np.asarray(jax.jit(p.qmodel.apply)(out, x))
   assert np.mean(runtime.logits(sess, x).argmax(-1) == sim.argmax(-1)) >= 0.95
+
+
+@pytest.mark.slow
+def test_onnx_benchmark_runs_the_main_jobs_method(tiny_ckpt):
+  """benchmarks/adaround_onnx.py on tiny_net: the PTQ starts and ``ptq_adaround``
+  come from the main job's inputs and registry, and ONNX Runtime and the integer
+  reference agree with fake quant."""
+  from benchmarks import adaround_onnx  # pylint: disable=import-outside-toplevel
+  from configs.fashion_mnist import peers  # pylint: disable=import-outside-toplevel
+  c = peers.get_config("smoke")
+  c.model_checkpoint = tiny_ckpt
+  c.methods = ("ptq_minmax", "ptq_percentile", "ptq_adaround", "fat")
+  c.eval_examples, c.calibration_images, c.calibration_batch_size = 200, 32, 32
+  c.fat.train_fraction, c.fat.holdout_images = 0.001, 0  # 60 unlabeled images
+  out = adaround_onnx.run(c, "w4a8_per_channel", integer_examples=50)
+  assert out["method"] == "ptq_adaround" and out["init"] in ("ptq_minmax", "ptq_percentile")
+  assert out["adaround_images"] == 32 and out["steps"] == out["units"] * 5
+  assert out["eval_examples"] == 200 and out["integer_examples"] == 50
+  assert out["ort_agreement_pct"] >= 95.0 and out["integer_agreement_pct"] >= 95.0
+  assert out["onnx_bytes"] > 0 and 0.0 <= out["fake_quant_top1_pct"] <= 100.0

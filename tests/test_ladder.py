@@ -8,13 +8,10 @@ import os
 import sys
 import types
 
-import numpy as np
 import pytest
 
 from benchmarks import bit_plots, bits
 from configs.fashion_mnist import ladder
-
-from conftest import tiny_net
 
 
 def test_rungs_become_named_settings():
@@ -98,20 +95,6 @@ def test_plots_are_written(tmp_path):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="no finished rung"):
     bit_plots.plot_ladder(str(tmp_path / "x.png"), {**table, "rungs": []})
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, monkeypatch):
-  """A float tiny_net checkpoint, and models.create building tiny_net."""
-  import jax
-  from fat import checkpoints, models
-  monkeypatch.setattr(models, "create", lambda name, **kwargs: tiny_net(**kwargs))
-  model = tiny_net()
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
-  path = str(tmp_path / "ckpt")
-  checkpoints.save(path, variables, {"model": "tiny_net",
-                                     "model_kwargs": {"num_classes": 10, "width": 1.0}})
-  return path
 
 
 @pytest.mark.slow
