@@ -109,13 +109,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # on the weight grid of the `start` PTQ result ("best": the PTQ method with
   # the lowest distillation loss on the calibration images, as FAT's start), by
   # reconstructing each layer's (granularity "layer") or block's ("block")
-  # float output from the quantized model's input ("quantized"; or "float") on
-  # the calibration images (`images` > 0: the first that many unlabeled
+  # float output from the quantized model's input ("quantized"; "float"; or
+  # "qdrop": each input element the float model's with probability `drop_prob`)
+  # on the calibration images (`images` > 0: the first that many unlabeled
   # images), with the annealed regularizer.
   c.adaround = ml_collections.ConfigDict(dict(
       start="best", granularity="layer", iterations=300, batch_size=32,
       learning_rate=1e-2, reg_weight=0.01, warmup=0.2, beta_range=(20.0, 2.0),
-      input="quantized", quantize_output=False, images=0, layers=".*",
+      input="quantized", drop_prob=0.5, quantize_output=False, images=0, layers=".*",
       threshold_learning_rate=1e-3))
   # FAT after AdaRound ("fat_adaround": activation thresholds; "fat_adaround_all":
   # every threshold) follows config.fat's recipe; "fat_adaround_joint" trains

@@ -10,7 +10,10 @@ The network is followed as a chain of its top-level modules (``fat.chain``; the
 only glue between them may be a global average pool), carrying two tensors
 over every image: the float model's (the targets) and the quantized model's
 with the units before already hardened (the inputs; ``input="float"`` uses
-the float ones, Nagel et al.'s plain form). A unit is one layer (``ConvBNAct``,
+the float ones, Nagel et al.'s plain form; ``input="qdrop"`` takes each input
+element from the float model with probability ``drop_prob`` at every step and
+from the quantized model otherwise, QDrop's random dropping of activation
+quantization, Wei et al. 2022). A unit is one layer (``ConvBNAct``,
 ``Dense``: a module ``fat.graph`` exports as one node), or with
 ``granularity="block"`` one top-level module with weights (an inverted
 residual block with its add). Each unit minimises, over ``iterations`` Adam
@@ -45,7 +48,7 @@ from fat.chain import Call, trace
 from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION, QuantMode
 
 GRANULARITIES = ("layer", "block")
-INPUTS = ("quantized", "float")
+INPUTS = ("quantized", "float", "qdrop")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,7 +64,13 @@ class ReconSpec:
     reg_weight: lambda of the rounding regularizer.
     warmup: share of the steps without the regularizer.
     beta_start, beta_end: beta's linear annealing after the warm-up.
-    input: "quantized" (the quantized model's input to the unit) or "float".
+    input: "quantized" (the quantized model's input to the unit), "float",
+      or "qdrop": each element of each step's input drawn from the float
+      model's input with probability ``drop_prob``, else the quantized one.
+      QDrop drops to the quantized model's own value before its activation
+      quantizer; the chain carries the float model's, which is what is used.
+    drop_prob: the share of float input elements under ``input="qdrop"``
+      (QDrop's 0.5).
     quantize_output: whether the loss reads the unit's output after its output
       quantizer (True) or before it (False: Nagel et al.'s ``f_a(W~ x)``; the
       next unit's input quantization is not the rounding's to fix).
@@ -83,6 +92,7 @@ class ReconSpec:
   beta_start: float = 20.0
   beta_end: float = 2.0
   input: str = "quantized"
+  drop_prob: float = 0.5
   quantize_output: bool = False
   act_thresholds: bool = False
   threshold_learning_rate: float = 1e-3
@@ -96,6 +106,8 @@ class ReconSpec:
     for name in ("iterations", "batch_size"):
       if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+    if not 0.0 <= self.drop_prob <= 1.0:
+      raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}.")
     if not 0.0 <= self.warmup < 1.0:
       raise ValueError(f"warmup must be in [0, 1), got {self.warmup}.")
     if not (self.learning_rate > 0 and self.reg_weight >= 0 and self.threshold_learning_rate > 0):
@@ -223,11 +235,19 @@ def _bounds(module: nn.Module, argspec: tuple, glue: str, v: dict, x, step, keys
   return {k: got[k] for k in keys}
 
 
+def mixed_input(x_q, x_f, key, drop_prob: float):
+  """QDrop's input: each element of ``x_f`` with probability ``drop_prob``,
+  else ``x_q``'s (``key``: a ``jax.random`` key)."""
+  take_float = jax.random.bernoulli(key, drop_prob, jnp.shape(x_q))
+  return jnp.where(take_float, jnp.asarray(x_f, jnp.result_type(x_q)), x_q)
+
+
 @functools.lru_cache(maxsize=256)
 def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: float,
-                threshold_learning_rate: float):
+                threshold_learning_rate: float, drop_prob: float | None = None):
   """``(tx, step)``: Adam and the jitted reconstruction step of one unit, on
-  ``{"v": rounding variables, "t": flat activation thresholds}``."""
+  ``{"v": rounding variables, "t": flat activation thresholds}``; with
+  ``drop_prob`` (``input="qdrop"``) each step's input is ``mixed_input``."""
   tx = optax.multi_transform(
       {"v": optax.adam(learning_rate), "t": optax.adam(threshold_learning_rate)},
       lambda tr: {name: jax.tree.map(lambda _: name, tree) for name, tree in tr.items()})
@@ -241,8 +261,11 @@ def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: flo
     return err + weight * reg, err
 
   @jax.jit
-  def step(train, opt_state, frozen, bounds, xs, x_step, targets, idx, beta, weight):
+  def step(train, opt_state, frozen, bounds, xs, xs_float, x_step, targets, idx, key, t, beta,
+           weight):
     x, target = jnp.take(xs, idx, axis=0), jnp.take(targets, idx, axis=0)
+    if drop_prob is not None:
+      x = mixed_input(x, jnp.take(xs_float, idx, axis=0), jax.random.fold_in(key, t), drop_prob)
     (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train, frozen, x, x_step, target, beta, weight)
     updates, opt_state = tx.update(grads, opt_state, train)
@@ -267,10 +290,11 @@ class _Run:
 
 
 def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets,
-           spec: ReconSpec, batch: int, rng: np.random.Generator, run: _Run):
+           spec: ReconSpec, batch: int, rng: np.random.Generator, run: _Run, xs_float=None):
   """``(variables, (y, step))``: ``variables`` with the rounding of ``unit`` (run
   as ``module``) learned and hardened, and the unit's hardened output on ``xs``
-  (run as ``output_module``, with its output quantizer)."""
+  (run as ``output_module``, with its output quantizer). ``xs_float``: the float
+  model's inputs, mixed into ``xs`` at each step under ``input="qdrop"``."""
   sub = unit_variables(variables, unit.path)
   run.nearest += _error(_propagate(unit, module, sub, xs, step, batch)[0], targets)
   started = rounding.init_rounding(sub, module.mode.rules)
@@ -279,16 +303,19 @@ def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets
              "t": act_thresholds(sub) if spec.act_thresholds else {}}
   bounds = (_bounds(module, unit.args, unit.glue, frozen, xs, step, trained["t"])
             if trained["t"] else {})
+  qdrop = spec.input == "qdrop"
   tx, train = _train_step(module, unit.args, unit.glue, spec.learning_rate,
-                          spec.threshold_learning_rate)
+                          spec.threshold_learning_rate, spec.drop_prob if qdrop else None)
   opt_state, n = tx.init(trained), len(xs)
   dev_x, dev_t = jnp.asarray(xs), jnp.asarray(targets)  # one transfer for every step
+  dev_f = jnp.asarray(xs_float) if qdrop else dev_x
+  key = jax.random.PRNGKey(spec.seed)
   for t in range(spec.iterations):
     beta, on = rounding.annealed_beta(t, spec.iterations, spec.warmup, spec.beta_start,
                                       spec.beta_end)
     idx = rng.integers(0, n, min(spec.batch_size, n)).astype(np.int32)
-    trained, opt_state, loss, _ = train(trained, opt_state, frozen, bounds, dev_x, step, dev_t,
-                                        idx, np.float32(beta),
+    trained, opt_state, loss, _ = train(trained, opt_state, frozen, bounds, dev_x, dev_f, step,
+                                        dev_t, idx, key, np.int32(run.steps), np.float32(beta),
                                         np.float32(spec.reg_weight * on))
     run.steps += 1
     if run.steps % 50 == 0 or t + 1 == spec.iterations:
@@ -340,9 +367,9 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
         # The loss's module: qmod without its output quantizer unless quantize_output.
         tmod = (qmod if spec.quantize_output or unit.output_quantizer is None
                 else standalone(unit, variables, learned, "quant", quantize_output=False))
-        source = in_q if spec.input == "quantized" else in_f
+        source = in_f if spec.input == "float" else in_q
         variables, out = _learn(unit, variables, tmod, qmod, source, in_step, target, spec,
-                                batch_size, rng, run)
+                                batch_size, rng, run, in_f if spec.input == "qdrop" else None)
         if block:  # the next layer of the block reads this one's output
           if spec.input == "float":
             out = _propagate(unit, qmod, unit_variables(variables, unit.path), in_q, in_step,

@@ -180,6 +180,7 @@ def test_registry_runs_the_new_methods_in_order():
     (dict(adaround_granularity="net"), "config.adaround.granularity must be one of"),
     (dict(asym=True), "ptq_adaround needs symmetric weights"),
     (dict(quantize_output=None), "config.adaround.quantize_output must be True or False"),
+    (dict(drop_prob=1.5), r"config.adaround.drop_prob must be a number in \[0.0, 1.0\]"),
 ])
 def test_adaround_config_checks(change, message):
   c = default.get_config()
@@ -191,10 +192,28 @@ def test_adaround_config_checks(change, message):
     c.adaround.granularity = change["adaround_granularity"]
   if "quantize_output" in change:
     c.adaround.quantize_output = change["quantize_output"]
+  if "drop_prob" in change:
+    c.adaround.drop_prob = change["drop_prob"]
   if change.get("asym"):
     c.settings[0].weight_kind = "asymmetric"
   with pytest.raises(ValueError, match=message):
     config_checks.validate(c)
+
+
+def test_qdrop_input_takes_float_elements_at_its_rate():
+  from fat import reconstruction  # pylint: disable=import-outside-toplevel
+  x_q = jnp.zeros((8, 50, 50, 10), jnp.float32)
+  x_f = np.ones(x_q.shape, np.float64)
+  for p in (0.0, 0.3, 1.0):
+    mixed = reconstruction.mixed_input(x_q, x_f, jax.random.PRNGKey(0), p)
+    assert mixed.dtype == jnp.float32
+    assert float(jnp.mean(mixed)) == pytest.approx(p, abs=0.005)  # 200,000 draws
+  a, b = (reconstruction.mixed_input(x_q, x_f, jax.random.PRNGKey(k), 0.5) for k in (0, 1))
+  assert bool(jnp.any(a != b))  # a new mask for each key (each step)
+  with pytest.raises(ValueError, match="drop_prob must be in"):
+    reconstruction.ReconSpec(input="qdrop", drop_prob=-0.1)
+  with pytest.raises(ValueError, match="input must be one of"):
+    reconstruction.ReconSpec(input="drop")
 
 
 def test_trace_follows_tiny_net_as_a_chain():
@@ -375,3 +394,27 @@ def test_onnx_benchmark_runs_the_main_jobs_method(tiny_ckpt):
   assert out["eval_examples"] == 200 and out["integer_examples"] == 50
   assert out["ort_agreement_pct"] >= 95.0 and out["integer_agreement_pct"] >= 95.0
   assert out["onnx_bytes"] > 0 and 0.0 <= out["fake_quant_top1_pct"] <= 100.0
+
+
+@pytest.mark.slow
+def test_qdrop_reads_the_float_inputs_it_is_given():
+  """input="qdrop" at drop_prob 1 learns what input="float" learns (every
+  element dropped to float); at 0.5 it learns something else."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from fat import pipeline, reconstruction  # pylint: disable=import-outside-toplevel
+  model, x = tiny_net(), _images(32, 3)
+  v = jax.jit(model.init)(jax.random.PRNGKey(3), x[:1])
+  s = pipeline.Setting(name="w4a4", weight_bits=4, act_bits=4, per_channel=True)
+  p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=32)
+
+  def kernels(inp, drop=0.5):
+    spec = reconstruction.ReconSpec(granularity="block", iterations=12, learning_rate=0.5,
+                                    input=inp, drop_prob=drop)
+    out = reconstruction.reconstruct(p.qmodel, p.variables, x, spec, batch_size=16)[0]
+    return {k: np.asarray(a) for k, a in traverse_util.flatten_dict(out["params"],
+                                                                    sep="/").items()}
+
+  same = lambda a, b: all(np.array_equal(a[k], b[k]) for k in a)
+  floats = kernels("float")
+  assert same(kernels("qdrop", 1.0), floats)
+  assert not same(kernels("qdrop", 0.5), floats)

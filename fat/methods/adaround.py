@@ -43,6 +43,7 @@ def recon_spec(config) -> reconstruction.ReconSpec:
       granularity=a.granularity, iterations=a.iterations, batch_size=a.batch_size,
       learning_rate=a.learning_rate, reg_weight=a.reg_weight, warmup=a.warmup,
       beta_start=float(a.beta_range[0]), beta_end=float(a.beta_range[1]), input=a.input,
+      drop_prob=a.drop_prob,
       quantize_output=a.quantize_output, threshold_learning_rate=a.threshold_learning_rate,
       seed=config.seed)
 
@@ -126,6 +127,7 @@ def validate_adaround(config) -> None:
   checks.boolean("adaround.quantize_output", a.quantize_output)
   checks.number("adaround.reg_weight", a.reg_weight, 0.0)
   checks.number("adaround.warmup", a.warmup, 0.0, 0.99)
+  checks.number("adaround.drop_prob", a.drop_prob, 0.0, 1.0)
   if len(tuple(a.beta_range)) != 2 or not 0 < a.beta_range[1] <= a.beta_range[0]:
     raise ValueError(f"config.adaround.beta_range must be (start, end) with start >= end > 0, "
                      f"got {a.beta_range!r}.")
