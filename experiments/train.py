@@ -12,6 +12,11 @@ The job holds the workdir's lock and resumes after a kill
 back, not rerun, and a trained method resumes from its last step
 checkpoint (every ``config.checkpoint_every`` steps). ``fresh=True``
 discards that progress.
+
+Its stages are functions a benchmark reuses to run a method exactly as the
+job does (``benchmarks/adaround_onnx.py``): ``load_inputs`` (config, float
+model, data), ``shared_float`` (what the settings share) and
+``setting_context`` (the ``fat.methods.Context`` of one setting).
 """
 
 from __future__ import annotations
