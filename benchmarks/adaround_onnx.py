@@ -4,7 +4,8 @@
       --setting=w4a8_per_channel
 
 Runs ``ptq_adaround`` (or, with ``--method=fat_adaround_joint``, AdaRound with
-the activation thresholds trained jointly) as the main job runs it, through
+the activation thresholds trained jointly; ``--method=fat_qdrop``, that block
+by block on QDrop's inputs) as the main job runs it, through
 the main job's own inputs and method context (``experiments.train``: the
 config's float model and data, rescaling, the PTQ methods of
 ``config.methods`` as starts, ``config.adaround``) on one setting, exports the
@@ -40,8 +41,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/fashion_mnist/peers.py", "Main-job config.")
   flags.DEFINE_string("setting", "w4a8_per_channel", "The config's setting to run.")
-  flags.DEFINE_enum("method", "ptq_adaround", ["ptq_adaround", adaround.JOINT],
-                    "ptq_adaround, or AdaRound with the activation thresholds trained jointly.")
+  flags.DEFINE_enum("method", "ptq_adaround", list(adaround.RECONSTRUCTIONS),
+                    "ptq_adaround; AdaRound with the activation thresholds trained jointly; or "
+                    "that by block on QDrop's inputs (fat_qdrop).")
   flags.DEFINE_integer("integer_examples", 1000, "Images for the integer reference.")
 
 

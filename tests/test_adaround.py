@@ -162,13 +162,16 @@ def test_rules_select_learned_rounding_and_relocate():
 
 def test_registry_runs_the_new_methods_in_order():
   names = methods.names()
-  new = ("ptq_adaround", "fat_adaround", "fat_adaround_all", "fat_adaround_joint", "lsq")
+  new = ("ptq_adaround", "fat_adaround", "fat_adaround_all", "fat_adaround_joint", "fat_qdrop",
+         "lsq")
   for name in new:  # trained: training columns, and not a candidate for FAT's start
     assert methods.get(name).kind == methods.TRAINED
-  assert methods.ordered(["lsq", "fat_adaround_joint", "fat_adaround_all", "fat_adaround",
-                          "qat", "fat", "ptq_adaround", "ptq_mse", "ptq_minmax"]) == [
+  assert methods.ordered(["lsq", "fat_qdrop", "fat_adaround_joint", "fat_adaround_all",
+                          "fat_adaround", "qat", "fat", "ptq_adaround", "ptq_mse",
+                          "ptq_minmax"]) == [
                               "ptq_minmax", "ptq_mse", "ptq_adaround", "fat", "fat_adaround",
-                              "fat_adaround_all", "fat_adaround_joint", "qat", "lsq"]
+                              "fat_adaround_all", "fat_adaround_joint", "fat_qdrop", "qat",
+                              "lsq"]
   assert set(names) >= set(new)
 
 

@@ -242,3 +242,9 @@ def test_ptq_adaround_reconstructs_from_its_start(tiny, monkeypatch):
   assert variables is mse and n == len(ctx.calib) and joint.stats["init"] == "ptq_mse"
   assert spec.act_thresholds and spec.quantize_output
   assert spec.threshold_learning_rate == config.adaround.threshold_learning_rate
+  # QDrop's recipe: the joint spec, by block, on dropped activation quantization.
+  qdrop = methods.get("fat_qdrop").run(ctx)
+  variables, n, spec, _ = calls[3]
+  assert variables is mse and n == len(ctx.calib) and qdrop.stats["init"] == "ptq_mse"
+  assert spec == dataclasses.replace(calls[2][2], granularity="block", input="qdrop")
+  assert spec.drop_prob == config.adaround.drop_prob

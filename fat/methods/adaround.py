@@ -20,6 +20,10 @@
   reconstruction loss with its output quantizer in it (BRECQ's and QDrop's
   learned activation step sizes; ``ReconSpec.act_thresholds``), at
   ``config.adaround.threshold_learning_rate``.
+* ``fat_qdrop``: the same, block by block (``granularity="block"``) on QDrop's
+  randomly dropped activation quantization (``input="qdrop"``, at
+  ``config.adaround.drop_prob``): QDrop's recipe (Wei et al. 2022) with FAT's
+  thresholds as its learned activation step sizes.
 """
 
 from __future__ import annotations
@@ -48,14 +52,17 @@ def recon_spec(config) -> reconstruction.ReconSpec:
       seed=config.seed)
 
 
-JOINT = "fat_adaround_joint"
+JOINT, QDROP = "fat_adaround_joint", "fat_qdrop"
+RECONSTRUCTIONS = ("ptq_adaround", JOINT, QDROP)
 
 
 def method_spec(config, name: str) -> reconstruction.ReconSpec:
-  """The ``ReconSpec`` method ``name`` ("ptq_adaround" or ``JOINT``) runs."""
+  """The ``ReconSpec`` method ``name`` (one of ``RECONSTRUCTIONS``) runs."""
   spec = recon_spec(config)
-  if name == JOINT:  # the output quantizer in the loss, its thresholds trained
+  if name in (JOINT, QDROP):  # the output quantizer in the loss, its thresholds trained
     spec = dataclasses.replace(spec, act_thresholds=True, quantize_output=True)
+  if name == QDROP:
+    spec = dataclasses.replace(spec, granularity="block", input="qdrop")
   return spec
 
 
@@ -170,3 +177,7 @@ register(Method(name="fat_adaround_all", kind=TRAINED, order=0.6,
 register(Method(name=JOINT, kind=TRAINED, order=0.7,
                 run=functools.partial(run_adaround, name=JOINT), validate=validate_adaround,
                 description="AdaRound with the activation thresholds trained jointly"))
+register(Method(name=QDROP, kind=TRAINED, order=0.8,
+                run=functools.partial(run_adaround, name=QDROP), validate=validate_adaround,
+                description="QDrop's recipe: rounding and activation thresholds by block, "
+                            "on randomly dropped activation quantization"))
