@@ -31,8 +31,8 @@ from experiments import cli
 from fat import evaluate, report
 
 FLAGS = flags.FLAGS
-ROUNDED = ("fat_adaround", "fat_adaround_all", "fat_adaround_joint", "fat_qdrop")  # FAT +
-# learned rounding
+# FAT + learned rounding
+ROUNDED = ("fat_adaround", "fat_adaround_all", "fat_adaround_joint", "fat_qdrop")
 AFTER = ("fat_adaround", "fat_adaround_all")  # these start from ptq_adaround's result
 # setting -> (largest loss of FAT with learned rounding against float, in points;
 # whether it must also be significantly above AdaRound alone)
