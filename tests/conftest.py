@@ -173,6 +173,31 @@ def tiny_ckpt(tmp_path, monkeypatch):
   return path
 
 
+def random_variables(model, x, seed=0):
+  """``model``'s float variables for inputs like ``x``, drawn in numpy from its
+  shapes: He-normal kernels, biases ~ N(0, 0.2), BN scale in [0.5, 1.5], BN mean
+  0 and variance 1. (``jax.jit(model.init)`` compiles a random draw per tensor:
+  13-20 s for a whole network here.)"""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
+    elif name == "scale":
+      value = rng.uniform(0.5, 1.5, s.shape)
+    elif name == "bias":
+      value = rng.normal(0.0, 0.2, s.shape)
+    elif name in ("mean", "var"):
+      value = np.zeros(s.shape) if name == "mean" else np.ones(s.shape)
+    else:
+      raise AssertionError(f"unexpected variable {jax.tree_util.keystr(path)}")
+    return value.astype(s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def assert_integer_layers_match(nodes, acts, x, min_equal=0.999):
   """Each integer op of ``fat.integer``, given the simulation's integer inputs,
   reproduces the simulation's grid indices: within one step everywhere and at
@@ -193,11 +218,6 @@ def assert_integer_layers_match(nodes, acts, x, min_equal=0.999):
 
 KINDS = ("symmetric", "unsigned", "asymmetric")
 TINY = 1e-12
-
-
-# --------------------------------------------------------------------------
-# Independent references.
-# --------------------------------------------------------------------------
 
 
 def qrange(kind, bits):
@@ -295,11 +315,6 @@ def ste_fake_quant(x, alpha, beta, t_min, t_max, spec):
     z = 0.0
   v = ste_round(x * s) - z
   return (ste_clip(v, qmin, qmax) + z) / s
-
-
-# --------------------------------------------------------------------------
-# Data helpers.
-# --------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------

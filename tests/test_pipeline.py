@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from fat import calibrate, fold, models, pipeline, quant
 from fat.pipeline import Setting, setting_rules
@@ -61,7 +62,7 @@ def test_prepare_equals_the_sequence_it_names():
   model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
   images = np.random.default_rng(1).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
   x = data.normalize(images)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  variables = random_variables(model, x)
   stats = jax.tree.map(lambda a: a + 0.5, variables["batch_stats"])
   float_vars = {"params": variables["params"], "batch_stats": stats}
   rules = setting_rules(Setting(name="s", weight_bits=4, act_bits=8, per_channel=True))

@@ -53,20 +53,22 @@ OPS = {
 
 def _case(name, kind, per_channel, seed=0):
   op, xs, ws = OPS[name]
-  kx, kw, ka, kb, kg = jax.random.split(jax.random.PRNGKey(seed), 5)
-  x = jax.random.normal(kx, xs, jnp.float32)
-  w = jax.random.normal(kw, ws, jnp.float32) * 0.5
+  # Drawn in numpy: jax.random compiles a sampler per new shape (seconds each here).
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+  w = jnp.asarray(rng.normal(size=ws) * 0.5, jnp.float32)
   spec = quant.QuantSpec(bits=4, kind=kind, per_channel=per_channel, axis=-1)
   c = ws[-1] if per_channel else None
   shape = (c,) if per_channel else ()
   # alpha inside and, for one channel, outside its clip range; beta likewise.
-  alpha = jax.random.uniform(ka, shape, minval=0.55, maxval=0.95)
-  beta = jax.random.uniform(kb, shape, minval=-0.15, maxval=0.35)
+  alpha = rng.uniform(0.55, 0.95, shape)
+  beta = rng.uniform(-0.15, 0.35, shape)
   if per_channel:
-    alpha = alpha.at[0].set(1.2)
-    beta = beta.at[-1].set(0.6)
-  qp = quant.params_from_range(*quant.observed_range(w, spec), spec, alpha, beta)
-  g = jax.random.normal(kg, op(x, w).shape, jnp.float32)
+    alpha[0] = 1.2
+    beta[-1] = 0.6
+  qp = quant.params_from_range(*quant.observed_range(w, spec), spec,
+                               np.float32(alpha), np.float32(beta))
+  g = jnp.asarray(rng.normal(size=jax.eval_shape(op, x, w).shape), jnp.float32)
   return op, x, w, qp, spec, g
 
 
@@ -113,8 +115,8 @@ def test_threshold_gradients_match_ste_reference(kind):
   ours = lambda a, b: jnp.sum(g * qlinear.quantized_linear(
       x, w, qp._replace(alpha=a, beta=b), spec, op))
   ref = lambda a, b: jnp.sum(g * op(x, ste_fake_quant(w, a, b, t_min, t_max, spec)))
-  got = jax.grad(ours, argnums=(0, 1))(qp.alpha, qp.beta)
-  want = jax.grad(ref, argnums=(0, 1))(qp.alpha, qp.beta)
+  got = jax.jit(jax.grad(ours, argnums=(0, 1)))(qp.alpha, qp.beta)
+  want = jax.jit(jax.grad(ref, argnums=(0, 1)))(qp.alpha, qp.beta)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (float(jnp.max(jnp.abs(b))) + 1e-6))
 
