@@ -244,10 +244,11 @@ def mixed_input(x_q, x_f, key, drop_prob: float):
 
 @functools.lru_cache(maxsize=256)
 def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: float,
-                threshold_learning_rate: float, drop_prob: float | None = None):
+                threshold_learning_rate: float, qdrop: bool = False):
   """``(tx, step)``: Adam and the jitted reconstruction step of one unit, on
   ``{"v": rounding variables, "t": flat activation thresholds}``; with
-  ``drop_prob`` (``input="qdrop"``) each step's input is ``mixed_input``."""
+  ``qdrop`` (``input="qdrop"``) each step's input is ``mixed_input`` at the
+  step's ``drop_prob`` argument (traced: every probability shares one program)."""
   tx = optax.multi_transform(
       {"v": optax.adam(learning_rate), "t": optax.adam(threshold_learning_rate)},
       lambda tr: {name: jax.tree.map(lambda _: name, tree) for name, tree in tr.items()})
@@ -261,10 +262,10 @@ def _train_step(module: nn.Module, argspec: tuple, glue: str, learning_rate: flo
     return err + weight * reg, err
 
   @jax.jit
-  def step(train, opt_state, frozen, bounds, xs, xs_float, x_step, targets, idx, key, t, beta,
-           weight):
+  def step(train, opt_state, frozen, bounds, xs, xs_float, x_step, targets, idx, key, t,
+           drop_prob, beta, weight):
     x, target = jnp.take(xs, idx, axis=0), jnp.take(targets, idx, axis=0)
-    if drop_prob is not None:
+    if qdrop:
       x = mixed_input(x, jnp.take(xs_float, idx, axis=0), jax.random.fold_in(key, t), drop_prob)
     (loss, err), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train, frozen, x, x_step, target, beta, weight)
@@ -305,7 +306,7 @@ def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets
             if trained["t"] else {})
   qdrop = spec.input == "qdrop"
   tx, train = _train_step(module, unit.args, unit.glue, spec.learning_rate,
-                          spec.threshold_learning_rate, spec.drop_prob if qdrop else None)
+                          spec.threshold_learning_rate, qdrop)
   opt_state, n = tx.init(trained), len(xs)
   dev_x, dev_t = jnp.asarray(xs), jnp.asarray(targets)  # one transfer for every step
   dev_f = jnp.asarray(xs_float) if qdrop else dev_x
@@ -315,7 +316,8 @@ def _learn(unit: Call, variables: dict, module, output_module, xs, step, targets
                                       spec.beta_end)
     idx = rng.integers(0, n, min(spec.batch_size, n)).astype(np.int32)
     trained, opt_state, loss, _ = train(trained, opt_state, frozen, bounds, dev_x, dev_f, step,
-                                        dev_t, idx, key, np.int32(run.steps), np.float32(beta),
+                                        dev_t, idx, key, np.int32(run.steps),
+                                        np.float32(spec.drop_prob), np.float32(beta),
                                         np.float32(spec.reg_weight * on))
     run.steps += 1
     if run.steps % 50 == 0 or t + 1 == spec.iterations:
