@@ -2,9 +2,14 @@
 
   python -m experiments.main --config=configs/fashion_mnist/peers.py --workdir=runs/peers
   python -m benchmarks.peers --workdir=runs/peers
+  python -m benchmarks.peers --workdir=runs/peers_qdrop --join=runs/peers
 
 Reads the job's report.json and its per-image predictions
-(``predictions/<setting>.npz``) and prints, then writes to ``peers.md``:
+(``predictions/<setting>.npz``) and prints, then writes to ``peers.md``.
+``--join`` adds the methods of other finished runs of the same harness (same
+model, float top-1, test and calibration images, and the same float
+predictions per setting) that ``--workdir`` does not have, so that methods from
+separate runs are tested against each other image by image:
 
 * per setting and method: top-1, agreement with float, the difference from
   float, wall seconds and images read, the exact McNemar test against FAT and
@@ -63,6 +68,27 @@ def read(workdir: str) -> tuple[dict, dict]:
                        f"{path!r} kept no per-image predictions: run it again into a new "
                        "workdir") from e
   return rep, preds
+
+
+HARNESS = ("model", "width", "dataset", "eval_examples", "calibration_images", "seed")
+
+
+def join(rep: dict, preds: dict, other: dict, other_preds: dict, where: str) -> None:
+  """Adds to ``rep``/``preds``, in place, the methods of ``other`` that ``rep``
+  lacks, for the settings both have; refuses another harness or float model."""
+  same = all(rep[k] == other[k] for k in HARNESS) and rep["fp32"] == other["fp32"]
+  if not same:
+    raise ValueError(f"{where} ran another harness or float model (it differs in "
+                     f"{', '.join(HARNESS)} or fp32); join only runs of the same one.")
+  theirs = {s["name"]: s for s in other["settings"]}
+  for s in (s for s in rep["settings"] if s["name"] in theirs):
+    p, q = preds[s["name"]], other_preds[s["name"]]
+    if not (np.array_equal(p["labels"], q["labels"]) and np.array_equal(p["fp32"], q["fp32"])):
+      raise ValueError(f"{where}: setting {s['name']!r} has other test labels or float "
+                       "predictions; join only runs of the same harness.")
+    for m, entry in theirs[s["name"]]["methods"].items():
+      if m not in s["methods"]:
+        s["methods"][m], p[m] = entry, q[m]
 
 
 def _test(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
@@ -142,6 +168,8 @@ def main(argv):
   del argv
   with cli.exit_on_user_error():
     rep, preds = read(FLAGS.workdir)
+    for other in FLAGS.join:
+      join(rep, preds, *read(other), other)
     text = methods_markdown(rep, preds) + "\n" + targets_markdown(targets(rep, preds))
     from fat import atomic  # pylint: disable=import-outside-toplevel
     atomic.write_text(os.path.join(FLAGS.workdir, "peers.md"), text)
@@ -150,4 +178,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", "runs/peers", "A finished peers job's workdir.")
+  flags.DEFINE_list("join", [], "Finished runs of the same harness whose methods "
+                    "--workdir lacks join its table (comma-separated workdirs).")
   cli.run(main)

@@ -271,6 +271,46 @@ def _peer_setting(name, wbits, abits, correct, walls):
   return {"name": name, "weight_bits": wbits, "act_bits": abits, "methods": methods}, preds
 
 
+def _write_peers_run(root, settings, **harness):
+  rep = {"model": "m", "width": 1.0, "dataset": "d", "eval_examples": 100,
+         "calibration_images": 64, "seed": 0, "fp32": {"top1_pct": 100.0},
+         "settings": [s for s, _ in settings], **harness}
+  (root / "predictions").mkdir(parents=True)
+  (root / "report.json").write_text(json.dumps(rep))
+  for s, p in settings:
+    np.savez(root / "predictions" / f"{s['name']}.npz",
+             **{(k if k in ("labels", "fp32") else f"method/{k}"): v for k, v in p.items()})
+  return str(root)
+
+
+def test_peers_joins_the_methods_of_another_run_of_the_same_harness(tmp_path):
+  """--join: a method from another run is tested against this run's, image by
+  image; this run's own entries win; another harness is refused."""
+  from benchmarks import peers
+  mine = _write_peers_run(tmp_path / "a", [_peer_setting(
+      "w4a4_per_channel", 4, 4, {"ptq_minmax": 50, "fat": 90, "fat_qdrop": 99}, {})])
+  theirs = _write_peers_run(tmp_path / "b", [
+      _peer_setting("w4a4_per_channel", 4, 4, {"fat": 10, "ptq_adaround": 70}, {}),
+      _peer_setting("w8a8_per_channel", 8, 8, {"fat": 100}, {})])
+  rep, preds = peers.read(mine)
+  peers.join(rep, preds, *peers.read(theirs), theirs)
+  (s,) = rep["settings"]
+  assert set(s["methods"]) == {"ptq_minmax", "fat", "fat_qdrop", "ptq_adaround"}
+  assert s["methods"]["fat"]["top1_pct"] == 90.0  # this run's own FAT
+  got = {(n, t): (v, ok) for n, t, v, ok in peers.targets(rep, preds)}
+  above = got[("w4a4_per_channel", "fat_qdrop above ptq_adaround, p < 0.05")]
+  assert above[0].startswith("+29.00 pt; 29 / 0, p = ") and above[1]
+  other = _write_peers_run(tmp_path / "c", [_peer_setting("w4a4_per_channel", 4, 4, {}, {})],
+                           seed=1)
+  with pytest.raises(ValueError, match="ran another harness or float model"):
+    peers.join(rep, preds, *peers.read(other), other)
+  labels = tmp_path / "d"
+  setting, p = _peer_setting("w4a4_per_channel", 4, 4, {}, {})
+  p["fp32"] = np.ones(100, np.int16)
+  with pytest.raises(ValueError, match="other test labels or float predictions"):
+    peers.join(rep, preds, *peers.read(_write_peers_run(labels, [(setting, p)])), "d")
+
+
 def test_peer_targets_from_a_finished_job(tmp_path):
   """benchmarks.peers reads report.json and predictions/<setting>.npz and checks each
   target on the numbers it was given: met, not met, and McNemar between any two methods."""
