@@ -5,6 +5,7 @@ reaches the report: tests/test_main_smoke.py)."""
 import dataclasses
 
 import pytest
+from conftest import tiny_net
 
 from configs import default
 from experiments import config_checks
@@ -60,15 +61,15 @@ def test_selected_methods_validate_their_own_fields():
 
 @pytest.fixture(scope="module")
 def tiny():
-  """A ``Context`` factory for one W8A8 setting of a tiny MobileNet-v2 (random
-  weights, random 16 px images). No test here compiles the network: the
+  """A ``Context`` factory for one W8A8 setting of tiny_net (three MobileNet-v2
+  blocks; zero weights, random 16 px images). No test here compiles the network: the
   distillation score is a stub, and ``fat.loop.train`` is replaced by one that
   records what the method asks of it (the loop has its own tests, and the
   end-to-end runs compile everything)."""
   import jax
   import numpy as np
-  from fat import calibrate, data, models, pipeline
-  model = models.MobileNetV2(num_classes=10, width=0.35, small_input=True)
+  from fat import calibrate, data, pipeline
+  model = tiny_net()
   rng = np.random.default_rng(0)
   split = data.Split(rng.integers(0, 256, (64, 16, 16, 1), dtype=np.uint8),
                      rng.integers(0, 10, 64))
