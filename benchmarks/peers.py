@@ -75,7 +75,12 @@ HARNESS = ("model", "width", "dataset", "eval_examples", "calibration_images", "
 
 def join(rep: dict, preds: dict, other: dict, other_preds: dict, where: str) -> None:
   """Adds to ``rep``/``preds``, in place, the methods of ``other`` that ``rep``
-  lacks, for the settings both have; refuses another harness or float model."""
+  lacks, for the settings both have; refuses another harness or float model.
+
+  A joined entry records its run (``"from"``: ``where``) and that run's FAT
+  wall time (``"fat_wall_seconds"``): its cost is compared with the FAT of
+  its own run, on the same machine load.
+  """
   same = all(rep[k] == other[k] for k in HARNESS) and rep["fp32"] == other["fp32"]
   if not same:
     raise ValueError(f"{where} ran another harness or float model (it differs in "
@@ -86,9 +91,11 @@ def join(rep: dict, preds: dict, other: dict, other_preds: dict, where: str) -> 
     if not (np.array_equal(p["labels"], q["labels"]) and np.array_equal(p["fp32"], q["fp32"])):
       raise ValueError(f"{where}: setting {s['name']!r} has other test labels or float "
                        "predictions; join only runs of the same harness.")
-    for m, entry in theirs[s["name"]]["methods"].items():
+    their_methods = theirs[s["name"]]["methods"]
+    fat_wall = their_methods.get("fat", {}).get("wall_seconds")
+    for m, entry in their_methods.items():
       if m not in s["methods"]:
-        s["methods"][m], p[m] = entry, q[m]
+        s["methods"][m], p[m] = {**entry, "from": where, "fat_wall_seconds": fat_wall}, q[m]
 
 
 def _test(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
@@ -109,7 +116,8 @@ def methods_markdown(rep: dict, preds: dict) -> str:
     for m in report.method_order(s["methods"]):
       e = s["methods"][m]
       vs_fat = "" if m == "fat" else _test(p["fat"], p[m], p["labels"])
-      lines.append(f"| {s['name']} | {m} | {e['top1_pct']:.2f} | {e['agreement_pct']:.2f} | "
+      label = f"{m} ({e['from']})" if "from" in e else m
+      lines.append(f"| {s['name']} | {label} | {e['top1_pct']:.2f} | {e['agreement_pct']:.2f} | "
                    f"{e['top1_pct'] - fp32:+.2f} | {e.get('wall_seconds', 0):.0f} | "
                    f"{e.get('images', '')} | {vs_fat} | "
                    f"{_test(p['fp32'], p[m], p['labels'])} |")
@@ -149,10 +157,16 @@ def targets(rep: dict, preds: dict) -> list[tuple[str, str, str, bool]]:
     if "fat" in ms:
       for m in (m for m in ROUNDED if m in ms and (m not in AFTER or "ptq_adaround" in ms)):
         before = "ptq_adaround + " if m in AFTER else ""
+        if before and ms[m].get("from") != ms["ptq_adaround"].get("from"):
+          continue  # AdaRound and FAT after it timed in different runs
+        fat_wall = ms[m]["fat_wall_seconds"] if "from" in ms[m] else ms["fat"]["wall_seconds"]
+        if fat_wall is None:
+          continue  # its run had no FAT to compare with
         wall = ms[m]["wall_seconds"] + (ms["ptq_adaround"]["wall_seconds"] if before else 0)
-        ratio = wall / ms["fat"]["wall_seconds"]
+        ratio = wall / fat_wall
+        run = f", both in {ms[m]['from']}" if "from" in ms[m] else ""
         rows.append((name, f"{before}{m} wall ≤ {COST_RATIO:g}× fat's",
-                     f"{ratio:.2f}× ({wall:.0f} s against {ms['fat']['wall_seconds']:.0f} s; "
+                     f"{ratio:.2f}× ({wall:.0f} s against {fat_wall:.0f} s{run}; "
                      f"images {ms[m]['images']} against {ms['fat']['images']})",
                      bool(ratio <= COST_RATIO)))
   return rows

@@ -288,18 +288,28 @@ def test_peers_joins_the_methods_of_another_run_of_the_same_harness(tmp_path):
   image; this run's own entries win; another harness is refused."""
   from benchmarks import peers
   mine = _write_peers_run(tmp_path / "a", [_peer_setting(
-      "w4a4_per_channel", 4, 4, {"ptq_minmax": 50, "fat": 90, "fat_qdrop": 99}, {})])
+      "w4a4_per_channel", 4, 4, {"ptq_minmax": 50, "fat": 90, "fat_qdrop": 99},
+      {"fat": 100.0, "fat_qdrop": 150.0})])
   theirs = _write_peers_run(tmp_path / "b", [
-      _peer_setting("w4a4_per_channel", 4, 4, {"fat": 10, "ptq_adaround": 70}, {}),
+      _peer_setting("w4a4_per_channel", 4, 4,
+                    {"fat": 10, "ptq_adaround": 70, "fat_adaround": 70},
+                    {"fat": 10.0, "ptq_adaround": 20.0, "fat_adaround": 5.0}),
       _peer_setting("w8a8_per_channel", 8, 8, {"fat": 100}, {})])
   rep, preds = peers.read(mine)
   peers.join(rep, preds, *peers.read(theirs), theirs)
   (s,) = rep["settings"]
-  assert set(s["methods"]) == {"ptq_minmax", "fat", "fat_qdrop", "ptq_adaround"}
+  assert set(s["methods"]) == {"ptq_minmax", "fat", "fat_qdrop", "ptq_adaround", "fat_adaround"}
   assert s["methods"]["fat"]["top1_pct"] == 90.0  # this run's own FAT
   got = {(n, t): (v, ok) for n, t, v, ok in peers.targets(rep, preds)}
   above = got[("w4a4_per_channel", "fat_qdrop above ptq_adaround, p < 0.05")]
   assert above[0].startswith("+29.00 pt; 29 / 0, p = ") and above[1]
+  # Each cost against the FAT of its own run: 150 / 100 here, (20 + 5) / 10 there.
+  cost = lambda m: got[("w4a4_per_channel", f"{m} wall ≤ 3× fat's")][0]
+  assert cost("fat_qdrop").startswith("1.50× (150 s against 100 s;")
+  assert cost("ptq_adaround + fat_adaround").startswith(
+      f"2.50× (25 s against 10 s, both in {theirs};")
+  row = f"| w4a4_per_channel | ptq_adaround ({theirs}) | 70.00 |"
+  assert row in peers.methods_markdown(rep, preds)
   other = _write_peers_run(tmp_path / "c", [_peer_setting("w4a4_per_channel", 4, 4, {}, {})],
                            seed=1)
   with pytest.raises(ValueError, match="ran another harness or float model"):
