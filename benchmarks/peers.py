@@ -5,11 +5,7 @@
   python -m benchmarks.peers --workdir=runs/peers_qdrop --join=runs/peers
 
 Reads the job's report.json and its per-image predictions
-(``predictions/<setting>.npz``) and prints, then writes to ``peers.md``.
-``--join`` adds the methods of other finished runs of the same harness (same
-model, float top-1, test and calibration images, and the same float
-predictions per setting) that ``--workdir`` does not have, so that methods from
-separate runs are tested against each other image by image:
+(``predictions/<setting>.npz``) and prints, then writes to ``peers.md``:
 
 * per setting and method: top-1, agreement with float, the difference from
   float, wall seconds and images read, the exact McNemar test against FAT and
@@ -20,6 +16,12 @@ separate runs are tested against each other image by image:
   activation thresholds, ``fat_adaround_all`` every threshold) and against
   AdaRound alone, no method significantly below float at W8A8, and the cost of
   FAT after AdaRound (its wall time plus AdaRound's) against FAT's.
+
+``--join`` adds the methods of other finished runs of the same harness (same
+model, float top-1, test and calibration images, and the same float
+predictions per setting) that ``--workdir`` does not have, so that methods from
+separate runs are tested against each other image by image; each joined
+method's cost is against the FAT of its own run.
 
 Flags are defined only when this runs as a script.
 """
