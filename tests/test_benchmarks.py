@@ -275,7 +275,7 @@ def _write_peers_run(root, settings, **harness):
   rep = {"model": "m", "width": 1.0, "dataset": "d", "eval_examples": 100,
          "calibration_images": 64, "seed": 0, "fp32": {"top1_pct": 100.0},
          "settings": [s for s, _ in settings], **harness}
-  (root / "predictions").mkdir(parents=True)
+  (root / "predictions").mkdir(parents=True, exist_ok=True)
   (root / "report.json").write_text(json.dumps(rep))
   for s, p in settings:
     np.savez(root / "predictions" / f"{s['name']}.npz",
@@ -333,13 +333,7 @@ def test_peer_targets_from_a_finished_job(tmp_path):
       _peer_setting("w4a4_per_channel", 4, 4,
                     {"ptq_minmax": 50, "ptq_adaround": 70, "fat": 90, "fat_adaround": 99},
                     {"ptq_adaround": 10.0, "fat_adaround": 10.0, "fat": 10.0})]
-  rep = {"model": "m", "dataset": "d", "eval_examples": 100, "calibration_images": 64,
-         "fp32": {"top1_pct": 100.0}, "settings": [s for s, _ in settings]}
-  (tmp_path / "predictions").mkdir()
-  (tmp_path / "report.json").write_text(json.dumps(rep))
-  for s, p in settings:
-    np.savez(tmp_path / "predictions" / f"{s['name']}.npz",
-             **{(k if k in ("labels", "fp32") else f"method/{k}"): v for k, v in p.items()})
+  _write_peers_run(tmp_path, settings)
   got = {(s, t): (v, ok) for s, t, v, ok in peers.targets(*peers.read(str(tmp_path)))}
   w8 = got[("w8a8_per_channel", "no method significantly below float (p < 0.05)")]
   assert w8[0].startswith("ptq_minmax (p = 0.002") and not w8[1]
