@@ -129,9 +129,9 @@ def run(variables, meta, train, test):
         "float there | steps | step time / float step |")
   print("|---|---|---|---|---|---|")
   for name, t_step in (("FAT", t_fat), ("QAT", t_qat)):
-    reached, best, agreement, steps, trained = rows[name]
+    reached, best, agreement, n_steps, trained = rows[name]
     when = f"{reached:.0f}" if reached is not None else f"not within {trained:.0f} s"
-    print(f"| {name} | {when} | {best:.2f} | {agreement:.2f}% | {steps} | "
+    print(f"| {name} | {when} | {best:.2f} | {agreement:.2f}% | {n_steps} | "
           f"{t_step / t_float:.2f} |")
   print(f"float train step: {t_float * 1e3:.0f} ms; FAT step {t_fat * 1e3:.0f} ms; "
         f"QAT step {t_qat * 1e3:.0f} ms")
