@@ -124,10 +124,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # adaround.threshold_learning_rate, with each unit's output quantizer in its
   # loss.
   # LSQ/LSQ+ (method "lsq", fat/methods/lsq.py): QAT with LSQ-scaled step-size
-  # gradients, SGD with momentum and cosine decay (or "adam"), from `start`.
+  # gradients, SGD with momentum and cosine decay (or "adam"), from `start`, at
+  # `learning_rate`, or at `lr_by_bits`'s rate for the setting's weight width
+  # (8-bit weights at 1e-4: at 1e-3 LSQ lands below float there; docs/peers.md).
   c.lsq = ml_collections.ConfigDict(dict(
-      start="ptq_mse", optimizer="sgd", learning_rate=1e-3, momentum=0.9, batch_size=100,
-      epochs=1, train_fraction=0.1))
+      start="ptq_mse", optimizer="sgd", learning_rate=1e-3, lr_by_bits=((8, 1e-4),),
+      momentum=0.9, batch_size=100, epochs=1, train_fraction=0.1))
   c.log_every = 20
   # Trained methods save a step checkpoint this often; a killed job resumes
   # from it when started again with the same command.

@@ -4,6 +4,7 @@ reaches the report: tests/test_main_smoke.py)."""
 
 import dataclasses
 
+import ml_collections
 import pytest
 from conftest import tiny_net
 
@@ -177,11 +178,46 @@ def test_lsq_trains_with_scaled_steps_from_its_start(tiny, recorded, monkeypatch
   spec, (x, y), part = recorded[0]
   assert set(part.trainable) == {"params", "thresholds"} and result.stats["init"] == "ptq_mse"
   assert part.trainable["thresholds"] is ctx.results["ptq_mse"]["thresholds"]
-  assert (spec.name, spec.knob, spec.steps_per_epoch) == ("lsq", "config.lsq.learning_rate", 4)
+  # The setting is W8A8: the default config's rate for 8-bit weights, named in the
+  # loop's messages.
+  assert ctx.setting.weight_bits == 8 and dict(cfg.lsq.lr_by_bits)[8] == 1e-4
+  assert (spec.name, spec.knob, spec.steps_per_epoch) == ("lsq", "config.lsq.lr_by_bits", 4)
   (name, lr, total, momentum), mode = made  # SGD, cosine over every step; LSQ gradients
-  assert (name, lr, total, momentum) == ("sgd", cfg.lsq.learning_rate, 4, 0.9)
+  assert (name, lr, total, momentum) == ("sgd", 1e-4, 4, 0.9)
+  assert result.stats["learning_rate"] == 1e-4
   assert mode == dataclasses.replace(ctx.qmodel.mode, lsq=True)
+  # No rate for the width: learning_rate.
+  cfg.lsq.lr_by_bits = ((4, 3e-5),)
+  result = methods.get("lsq").run(ctx)
+  assert made[2][1] == cfg.lsq.learning_rate == result.stats["learning_rate"] != 1e-4
+  assert recorded[1][0].knob == "config.lsq.learning_rate"
   lsq._update.cache_clear()
+
+
+def test_lsq_rate_by_weight_width():
+  from fat.methods import lsq
+  c = default.get_config()
+  assert lsq.learning_rate(c.lsq, 8) == (1e-4, "config.lsq.lr_by_bits")
+  assert lsq.learning_rate(c.lsq, 4) == (c.lsq.learning_rate, "config.lsq.learning_rate")
+  c.lsq.lr_by_bits = ()
+  assert lsq.learning_rate(c.lsq, 8) == (c.lsq.learning_rate, "config.lsq.learning_rate")
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (((8, 1e-4), (8, 1e-3)), "gives 8-bit weights two rates"),
+    (((8, 0.0),), r"rate of 8-bit weights must be a number in \(0.0, inf\)"),
+    (((8, "fast"),), r"rate of 8-bit weights must be a number"),
+    (((1, 1e-4),), r"\(1, 0.0001\) is not a \(weight bits in 2..16, rate\) pair"),
+    (((8,),), "is not a"),
+    (8e-4, "must be pairs"),
+])
+def test_lsq_rates_by_width_are_checked(pairs, message):
+  c = default.get_config()
+  c.methods += ("lsq",)
+  # Built anew: a ConfigDict keeps a field's type, and a config read from JSON need not.
+  c.lsq = ml_collections.ConfigDict({**c.lsq.to_dict(), "lr_by_bits": pairs})
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate(c)
 
 
 def test_fat_adaround_starts_from_adaround_with_weight_thresholds_frozen(tiny, recorded,
