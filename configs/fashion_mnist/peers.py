@@ -33,3 +33,13 @@ def get_config(arg: str = ""):
     for block in (c.qat, c.lsq):
       block.train_fraction, block.batch_size = 0.004, 32
   return c
+
+
+def subset(arg: str, methods, settings=()):
+  """The peers job with only ``methods``, and only the settings named in
+  ``settings`` (all when empty; the smoke run keeps its own)."""
+  c = get_config(arg)
+  c.methods = tuple(methods)
+  if settings and arg != "smoke":
+    c.settings = [s for s in c.settings if s.name in settings]
+  return c

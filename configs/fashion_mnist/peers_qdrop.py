@@ -19,7 +19,6 @@ METHODS = ("ptq_minmax", "ptq_mse", "fat", "fat_qdrop", "lsq")
 
 
 def get_config(arg: str = ""):
-  c = peers.get_config(arg)
-  c.methods = METHODS
+  c = peers.subset(arg, METHODS)
   c.lsq.learning_rate, c.lsq.lr_by_bits = 1e-4, ()  # 1e-4 in every setting
   return c

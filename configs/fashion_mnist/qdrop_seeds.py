@@ -21,8 +21,4 @@ SETTINGS = ("w3a8_per_channel",)
 
 
 def get_config(arg: str = ""):
-  c = peers.get_config(arg)
-  c.methods = METHODS
-  if arg != "smoke":
-    c.settings = [s for s in c.settings if s.name in SETTINGS]
-  return c
+  return peers.subset(arg, METHODS, SETTINGS)
