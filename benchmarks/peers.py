@@ -41,10 +41,12 @@ FLAGS = flags.FLAGS
 # FAT + learned rounding
 ROUNDED = ("fat_adaround", "fat_adaround_all", "fat_adaround_joint", "fat_qdrop")
 AFTER = ("fat_adaround", "fat_adaround_all")  # these start from ptq_adaround's result
-# setting -> (largest loss of FAT with learned rounding against float, in points;
-# whether it must also be significantly above AdaRound alone)
-TARGETS = {"w4a8_per_channel": (0.2, False), "w4a4_per_channel": (1.0, True),
-           "w3a8_per_channel": (0.5, False)}
+# (weight bits, activation bits) of a per-channel setting -> (largest loss of FAT
+# with learned rounding against float, in points; whether it must also be
+# significantly above AdaRound alone). A setting with per-layer widths (e.g. the
+# first and last layers at 8 bits) is checked against its bulk width's targets,
+# under its own name.
+TARGETS = {(4, 8): (0.2, False), (4, 4): (1.0, True), (3, 8): (0.5, False)}
 GAP_SHARE = 0.9   # AdaRound's share of the min/max-to-float gap at W4A8
 COST_RATIO = 3.0  # FAT with learned rounding against FAT, wall time
 
@@ -133,14 +135,15 @@ def targets(rep: dict, preds: dict) -> list[tuple[str, str, str, bool]]:
   for s in rep["settings"]:
     name, ms, p = s["name"], s["methods"], preds[s["name"]]
     top1 = lambda m: ms[m]["top1_pct"]
-    if name == "w4a8_per_channel" and {"ptq_minmax", "ptq_adaround"} <= set(ms):
+    bits = (s["weight_bits"], s["act_bits"]) if s["per_channel"] else None
+    if bits == (4, 8) and {"ptq_minmax", "ptq_adaround"} <= set(ms):
       gap = fp32 - top1("ptq_minmax")
       share = (top1("ptq_adaround") - top1("ptq_minmax")) / gap if gap > 0 else float("nan")
       rows.append((name, f"AdaRound closes ≥ {GAP_SHARE:.0%} of the min/max-to-float gap",
                    f"{share:.0%} ({top1('ptq_minmax'):.2f} → {top1('ptq_adaround'):.2f}, "
                    f"float {fp32:.2f})", bool(share >= GAP_SHARE)))
-    for m in (m for m in ROUNDED if m in ms and name in TARGETS):
-      loss, above = TARGETS[name]
+    for m in (m for m in ROUNDED if m in ms and bits in TARGETS):
+      loss, above = TARGETS[bits]
       rows.append((name, f"{m} ≥ float − {loss:g} pt", f"{top1(m) - fp32:+.2f} pt",
                    bool(top1(m) >= fp32 - loss)))
       if above and "ptq_adaround" in ms:

@@ -268,7 +268,8 @@ def _peer_setting(name, wbits, abits, correct, walls):
     preds[m] = np.where(np.arange(100) < k, 0, 1).astype(np.int16)
     methods[m] = {"top1_pct": float(k), "agreement_pct": float(k),
                   "wall_seconds": walls.get(m, 1.0), "images": 64}
-  return {"name": name, "weight_bits": wbits, "act_bits": abits, "methods": methods}, preds
+  return {"name": name, "weight_bits": wbits, "act_bits": abits, "per_channel": True,
+          "methods": methods}, preds
 
 
 def _write_peers_run(root, settings, **harness):
@@ -350,3 +351,21 @@ def test_peer_targets_from_a_finished_job(tmp_path):
   os.remove(tmp_path / "predictions" / "w4a4_per_channel.npz")
   with pytest.raises(ValueError, match="kept no per-image predictions"):
     peers.read(str(tmp_path))
+
+
+def test_peer_targets_follow_the_bits_not_the_name(tmp_path):
+  """A per-channel setting with another name (W4A4 with 8-bit first and last layers)
+  is checked against its width's targets under its own name; per tensor has none."""
+  from benchmarks import peers
+  fl8, fl8_preds = _peer_setting("w4a4_per_channel_fl8", 4, 4,
+                                 {"ptq_adaround": 97, "fat": 90, "fat_qdrop": 99}, {})
+  pt, pt_preds = _peer_setting("w4a4_per_tensor", 4, 4,
+                               {"ptq_adaround": 97, "fat": 90, "fat_qdrop": 99}, {})
+  pt["per_channel"] = False
+  _write_peers_run(tmp_path, [(fl8, fl8_preds), (pt, pt_preds)])
+  got = {(s, t): (v, ok) for s, t, v, ok in peers.targets(*peers.read(str(tmp_path)))}
+  assert got[("w4a4_per_channel_fl8", "fat_qdrop ≥ float − 1 pt")] == ("-1.00 pt", True)
+  above = got[("w4a4_per_channel_fl8", "fat_qdrop above ptq_adaround, p < 0.05")]
+  assert above[0].startswith("+2.00 pt; 2 / 0, p = ") and not above[1]
+  assert not [t for s, t in got if s == "w4a4_per_channel" or
+              (s == "w4a4_per_tensor" and "float −" in t)]
