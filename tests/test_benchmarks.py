@@ -182,10 +182,13 @@ def test_threshold_stats_counts_alphas_by_role_and_place():
                              "above": 0}
 
 
+PTQ_METHODS = ("ptq_minmax", "ptq_percentile", "ptq_mse")
+
+
 def seed_report(seed, top1, vs_best, fat_agreement=99.0, init=None):
   """A one-setting report; ``top1`` per method, ``vs_best`` the (FAT-only,
   method-only, p) of the method with the highest PTQ top-1, ``init`` FAT's start."""
-  best = max((m for m in top1 if m.startswith("ptq_")), key=top1.get)
+  best = max((m for m in top1 if m in PTQ_METHODS), key=top1.get)
   methods = {}
   for name, t in top1.items():
     methods[name] = {"top1_pct": t, "agreement_pct": fat_agreement if name == "fat" else 99.0}
@@ -220,6 +223,11 @@ def test_seed_spread_table():
   # Gaps to FAT's start: 92.78-92.81, 92.80-92.70, 92.50-92.60.
   assert gap == ["| w8 | -0.15 (-0.40, +0.05) | 1/3 seeds | 1/3 seeds | "
                  "-0.01 (-0.10, +0.10); 1/3 seeds |"]
+  # AdaRound is a trained peer, not a PTQ start: above FAT, it is not the best PTQ.
+  with_peer = [seed_report(0, {"ptq_minmax": 92.0, "ptq_adaround": 92.6, "fat": 92.4},
+                           (20, 10, 0.1), init="ptq_minmax")]
+  assert tables.seed_spread_markdown(with_peer).splitlines()[-1] == (
+      "| w8 | +0.40 (+0.40, +0.40) | 1/1 seeds | 0/1 seeds | +0.40 (+0.40, +0.40); 1/1 seeds |")
   no_init = [seed_report(0, {"ptq_minmax": 92.6, "fat": 92.7}, (1, 1, 1.0))]
   assert tables.seed_spread_markdown(no_init).splitlines()[-1].endswith("| – |")
   with pytest.raises(ValueError, match="different settings"):
