@@ -4,8 +4,8 @@ The peers harness (configs/fashion_mnist/peers.py: MobileNet-v2, 512
 calibration images) with PTQ min/max and MSE (the starts), FAT (every report
 compares with it), AdaRound alone and ``fat_qdrop``: the methods of the
 learned-rounding targets at W4A8 (AdaRound's share of the min/max-to-float
-gap; FAT with learned rounding ≥ float − 0.2) and W4A4. The seed draws the unlabeled and calibration images and every batch
-order.
+gap; FAT with learned rounding ≥ float − 0.2) and W4A4. The seed draws the
+unlabeled and calibration images and every batch order.
 
 One setting over five seeds, about 57 minutes on the 2-core machine (the first
 seed, with compilation, takes about 20 of them; ``--reuse`` reads the seeds
