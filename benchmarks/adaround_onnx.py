@@ -53,9 +53,8 @@ def run(config, setting: str, integer_examples: int, method: str = "ptq_adaround
   config, test = inputs.config, inputs.splits["test"]
   shared = train.shared_float(config, inputs)
   ctx = train.setting_context(config.settings[0], config, shared, inputs.splits)
-  for name in methods.ordered(config.methods):  # the starts, as the main job runs them
-    if methods.get(name).kind == methods.PTQ:
-      ctx.results[name] = methods.get(name).run(ctx).variables
+  for name in methods.of_kind(methods.ordered(config.methods), methods.PTQ):  # the starts
+    ctx.results[name] = methods.get(name).run(ctx).variables
   t0 = time.time()
   result = methods.get(method).run(ctx)
   seconds = time.time() - t0

@@ -52,19 +52,13 @@ def seed_spread_markdown(reports: list[dict]) -> str:
       init = s["methods"]["fat"].get("init")
       if init is not None:
         vs_start.append(s["methods"]["fat"]["top1_pct"] - s["methods"][init]["top1_pct"])
-      best = max(_ptq(s["methods"]), key=lambda m: s["methods"][m]["top1_pct"])
+      best = max(registry.of_kind(s["methods"], registry.PTQ), key=lambda m: s["methods"][m]["top1_pct"])
       gaps.append(s["methods"]["fat"]["top1_pct"] - s["methods"][best]["top1_pct"])
       t = s["methods"][best]["vs_fat"]
       below += int(t["p_value"] < 0.05 and t["method_only_correct"] > t["fat_only_correct"])
     start = f"{_spread(vs_start)}; {_reached(vs_start)}" if vs_start else "–"
     gap.append(f"| {name} | {_spread(gaps)} | {_reached(gaps)} | {below}/{n} seeds | {start} |")
   return "\n".join(top + gap) + "\n"
-
-
-def _ptq(names) -> list[str]:
-  """The methods among ``names`` that the registry lists as PTQ (calibration only)."""
-  known = set(registry.names())
-  return [m for m in names if m in known and registry.get(m).kind == registry.PTQ]
 
 
 def _spread(gaps: list[float]) -> str:

@@ -258,7 +258,7 @@ def run_setting(s, config, shared: Shared, splits: dict, evaluator, writer,
     metrics, preds[name] = evaluator(predict_q, result.variables, f"{s.name} {name}")
     entry["methods"][name] = {**metrics, **cost, **result.stats}
     losses[name] = result.losses
-  ptq = [m for m in entry["methods"] if methods.get(m).kind == methods.PTQ]
+  ptq = methods.of_kind(entry["methods"], methods.PTQ)
   others = [m for m in ptq if m != "ptq_minmax"] or ["ptq_minmax"]
   entry["best_ptq"] = max(others, key=lambda m: entry["methods"][m]["top1_pct"])
   for name in (m for m in preds if m != "fat"):

@@ -23,6 +23,11 @@ def test_builtin_methods_in_run_order():
       "ptq_minmax", "ptq_mse", "fat", "qat"]
   with pytest.raises(ValueError, match="unknown method 'nope'"):
     methods.get("nope")
+  # The PTQ (or trained) ones among a selection, in its order, by registered kind (AdaRound
+  # trains its rounding, whatever its name says); unregistered names left out.
+  mixed = ["fat", "ptq_mse", "nope", "qat", "ptq_adaround", "ptq_minmax"]
+  assert methods.of_kind(mixed, methods.PTQ) == ["ptq_mse", "ptq_minmax"]
+  assert methods.of_kind(mixed, methods.TRAINED) == ["fat", "qat", "ptq_adaround"]
 
 
 def test_register_rejects_a_second_method_of_the_same_name():

@@ -11,11 +11,11 @@ import importlib
 import pkgutil
 
 from fat.methods.registry import (PTQ, REQUIRED, TRAINED, Context, Method, Result, cost, get,
-                                  names, ordered, register, unregister, validate)
+                                  names, of_kind, ordered, register, unregister, validate)
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name != "registry":
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["PTQ", "REQUIRED", "TRAINED", "Context", "Method", "Result", "cost", "get", "names",
-           "ordered", "register", "unregister", "validate"]
+           "of_kind", "ordered", "register", "unregister", "validate"]

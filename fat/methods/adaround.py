@@ -37,7 +37,7 @@ from flax import traverse_util
 from fat import checks, reconstruction
 from fat.layers import TRAINABLE_COLLECTION
 from fat.methods import fat_training
-from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
+from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, of_kind, register
 
 
 def recon_spec(config) -> reconstruction.ReconSpec:
@@ -121,7 +121,7 @@ def _run_fat_adaround(ctx: Context, name: str, train_weights: bool) -> Result:
 
 def validate_adaround(config) -> None:
   a = config.adaround
-  ptq = [m for m in config.methods if get(m).kind == PTQ]
+  ptq = of_kind(config.methods, PTQ)
   if not ptq or (a.start != BEST and a.start not in ptq):
     raise ValueError(f"config.adaround.start must be {BEST!r} or a PTQ method in config.methods "
                      f"(there: {ptq}), got {a.start!r}; add a PTQ method such as 'ptq_minmax' "

@@ -35,7 +35,7 @@ from flax import traverse_util
 
 from fat import checks, evaluate, layers, loop, rules, schedules, steps, variables
 from fat.recipes import Recipe, resolve
-from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
+from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, of_kind, register
 
 @functools.lru_cache(maxsize=4)
 def _update(qmodel, learning_rate: float, reset_steps: int, lr_decay: float, loss: str,
@@ -136,7 +136,7 @@ def start(ctx: Context, score=None) -> str:
   """The PTQ result FAT starts from: the lowest distillation loss (``score``;
   default the calibration images')."""
   score = score or ctx.distill
-  candidates = [n for n in ctx.results if get(n).kind == PTQ]
+  candidates = of_kind(ctx.results, PTQ)
   return min(candidates, key=lambda n: score(ctx.results[n]))
 
 

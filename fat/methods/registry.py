@@ -160,6 +160,12 @@ def names() -> list[str]:
   return ordered(_REGISTRY)
 
 
+def of_kind(selected, kind: str) -> list[str]:
+  """The names among ``selected`` registered with ``kind`` (``PTQ`` or
+  ``TRAINED``), in their given order; names that are not registered are left out."""
+  return [n for n in selected if n in _REGISTRY and _REGISTRY[n].kind == kind]
+
+
 def ordered(selected) -> list[str]:
   """``selected`` method names in run order: PTQ methods first, then by
   ``order``, then by registration; names that are not registered go last."""
