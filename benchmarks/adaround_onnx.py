@@ -44,10 +44,14 @@ def define_flags() -> None:
   flags.DEFINE_enum("method", "ptq_adaround", list(adaround.RECONSTRUCTIONS),
                     "ptq_adaround; AdaRound with the activation thresholds trained jointly; or "
                     "that by block on QDrop's inputs (fat_qdrop).")
-  flags.DEFINE_integer("integer_examples", 1000, "Images for the integer reference.")
+  flags.DEFINE_integer("integer_examples", 1000,
+                       "Images for the integer reference (0: no integer reference).")
 
 
 def run(config, setting: str, integer_examples: int, method: str = "ptq_adaround") -> dict:
+  if integer_examples < 0:
+    raise ValueError(f"--integer_examples must be >= 0 (0: no integer reference), got "
+                     f"{integer_examples}.")
   config_checks.only_settings(config, [setting])
   inputs = train.load_inputs(config)
   config, test = inputs.config, inputs.splits["test"]
@@ -86,11 +90,13 @@ def _deploy(qmodel, variables, x, sim, labels, integer_examples: int) -> dict:
     sess, _ = runtime.session_and_ops(path)
     ort = runtime.logits(sess, x).argmax(-1)
   n = min(integer_examples, len(x))
-  ints = integer.logits(nodes, x[:n]).argmax(-1)
-  return {"ort_top1_pct": evaluate.top1_pct(ort, labels),
-          "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
-          "integer_agreement_pct": evaluate.agreement_pct(ints, sim[:n]),
-          "integer_examples": n, "onnx_bytes": size}
+  out = {"ort_top1_pct": evaluate.top1_pct(ort, labels),
+         "ort_agreement_pct": evaluate.agreement_pct(ort, sim),
+         "integer_examples": n, "onnx_bytes": size}
+  if n:  # 0: no integer reference
+    out["integer_agreement_pct"] = evaluate.agreement_pct(integer.logits(nodes, x[:n]).argmax(-1),
+                                                          sim[:n])
+  return out
 
 
 def main(argv):

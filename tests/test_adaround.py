@@ -377,6 +377,19 @@ def test_adarounded_weights_export_and_run_in_ort(reconstructed, tmp_path):
   sess, _ = runtime.session_and_ops(path)
   sim = np.asarray(jax.jit(p.qmodel.apply)(out, x))
   assert np.mean(runtime.logits(sess, x).argmax(-1) == sim.argmax(-1)) >= 0.95
+  # The benchmark's deployment step, with the integer reference switched off (0 images).
+  from benchmarks import adaround_onnx  # pylint: disable=import-outside-toplevel
+  pred = sim.argmax(-1)
+  d = adaround_onnx._deploy(p.qmodel, out, x, pred, pred, 0)  # pylint: disable=protected-access
+  assert d["integer_examples"] == 0 and "integer_agreement_pct" not in d
+  assert d["ort_agreement_pct"] >= 95.0
+
+
+def test_onnx_benchmark_refuses_a_negative_integer_count():
+  from benchmarks import adaround_onnx  # pylint: disable=import-outside-toplevel
+  from configs.fashion_mnist import peers  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="--integer_examples must be >= 0"):
+    adaround_onnx.run(peers.get_config("smoke"), "w4a8_per_channel", integer_examples=-1)
 
 
 @pytest.mark.slow
