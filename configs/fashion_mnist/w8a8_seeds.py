@@ -6,8 +6,9 @@ below float: PTQ min/max and MSE, FAT, AdaRound alone, ``fat_qdrop``, full QAT
 and LSQ (at its shipped 1e-4 for 8-bit weights). The seed draws the unlabeled
 and calibration images and every batch order.
 
-Five seeds (``--reuse`` reads the seeds already finished in the workdir instead
-of running them again):
+Five seeds, about 54 minutes on the 2-core machine (the first, with
+compilation, about 15 of them; ``--reuse`` reads the seeds already finished in
+the workdir instead of running them again):
   python -m benchmarks.seed_spread --config=configs/fashion_mnist/w8a8_seeds.py \\
       --workdir=runs/w8a8_seeds --seeds=0,1,2,3,4 --reuse
 One seed, k, as the spread runs it:
