@@ -52,7 +52,8 @@ def seed_spread_markdown(reports: list[dict]) -> str:
       init = s["methods"]["fat"].get("init")
       if init is not None:
         vs_start.append(s["methods"]["fat"]["top1_pct"] - s["methods"][init]["top1_pct"])
-      best = max(registry.of_kind(s["methods"], registry.PTQ), key=lambda m: s["methods"][m]["top1_pct"])
+      best = max(registry.of_kind(s["methods"], registry.PTQ),
+                 key=lambda m: s["methods"][m]["top1_pct"])
       gaps.append(s["methods"]["fat"]["top1_pct"] - s["methods"][best]["top1_pct"])
       t = s["methods"][best]["vs_fat"]
       below += int(t["p_value"] < 0.05 and t["method_only_correct"] > t["fat_only_correct"])

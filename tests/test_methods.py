@@ -65,6 +65,18 @@ def test_selected_methods_validate_their_own_fields():
     config_checks.validate(c)
 
 
+@pytest.mark.parametrize("start, extra", [("ptq_mse", ()), ("ptq_adaround", ("ptq_adaround",))])
+def test_lsq_starts_from_a_selected_ptq_method(start, extra):
+  """A start not in config.methods, or one that trains (AdaRound), is refused."""
+  c = default.get_config()
+  c.methods = ("ptq_minmax", "fat", "lsq") + extra
+  c.lsq.start = "ptq_minmax"
+  config_checks.validate(c)
+  c.lsq.start = start
+  with pytest.raises(ValueError, match=f"config.lsq.start must be a PTQ method .* got '{start}'"):
+    config_checks.validate(c)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   """A ``Context`` factory for one W8A8 setting of tiny_net (three MobileNet-v2

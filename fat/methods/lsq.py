@@ -22,7 +22,7 @@ import functools
 import optax
 
 from fat import checks, data, loop, steps, variables
-from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, get, register
+from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, of_kind, register
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -83,7 +83,7 @@ def validate(config) -> None:
   if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"config.lsq.optimizer must be one of {OPTIMIZERS}, got "
                      f"{cfg.optimizer!r}.")
-  if cfg.start not in config.methods or get(cfg.start).kind != PTQ:
+  if cfg.start not in of_kind(config.methods, PTQ):
     raise ValueError(f"config.lsq.start must be a PTQ method in config.methods, got "
                      f"{cfg.start!r}; add it to config.methods or start from 'ptq_minmax'.")
 
