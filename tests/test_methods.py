@@ -168,12 +168,18 @@ def test_ptq_methods_write_their_ranges(tiny):
   assert (float(stats["x_min"]), float(stats["x_max"])) == (-1.0, 3.0)
 
 
-def test_qat_checks_its_data_before_anything_runs(tiny):
+@pytest.mark.parametrize("name,what", [("qat", "QAT"), ("lsq", "LSQ")])
+def test_labeled_methods_check_their_data_before_anything_runs(tiny, name, what):
   config, make = tiny
   cfg = config.copy_and_resolve_references()
-  cfg.qat.batch_size = 100
-  with pytest.raises(ValueError, match="config.qat.batch_size 100 exceeds the 64 QAT train"):
-    methods.get("qat").check_data(cfg, make().train)
+  train = make().train
+  n = len(train.sample(cfg[name].train_fraction, cfg.seed))
+  cfg[name].batch_size = n
+  methods.get(name).check_data(cfg, train)  # one whole batch fits
+  cfg[name].batch_size = n + 1
+  with pytest.raises(ValueError, match=rf"config.{name}.batch_size {n + 1} exceeds the {n} "
+                     rf"{what} train images; lower it or raise config.{name}.train_fraction"):
+    methods.get(name).check_data(cfg, train)
 
 
 def test_lsq_trains_with_scaled_steps_from_its_start(tiny, recorded, monkeypatch):

@@ -10,12 +10,13 @@ itself; one defined elsewhere registers when its module is imported.
 import importlib
 import pkgutil
 
-from fat.methods.registry import (PTQ, REQUIRED, TRAINED, Context, Method, Result, cost, get,
-                                  names, of_kind, ordered, register, unregister, validate)
+from fat.methods.registry import (PTQ, REQUIRED, TRAINED, Context, Method, Result, batches_fit,
+                                  cost, get, names, of_kind, ordered, register, unregister,
+                                  validate)
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name != "registry":
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["PTQ", "REQUIRED", "TRAINED", "Context", "Method", "Result", "cost", "get", "names",
-           "of_kind", "ordered", "register", "unregister", "validate"]
+__all__ = ["PTQ", "REQUIRED", "TRAINED", "Context", "Method", "Result", "batches_fit", "cost",
+           "get", "names", "of_kind", "ordered", "register", "unregister", "validate"]

@@ -22,7 +22,8 @@ import functools
 import optax
 
 from fat import checks, data, loop, steps, variables
-from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, of_kind, register
+from fat.methods.registry import (PTQ, TRAINED, Context, Method, Result, batches_fit, of_kind,
+                                  register)
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -105,12 +106,6 @@ def _check_lr_by_bits(pairs) -> None:
     checks.number(f"lsq.lr_by_bits rate of {bits}-bit weights", pair[1], 0.0, lo_open=True)
 
 
-def check_data(config, train) -> None:
-  n = len(train.sample(config.lsq.train_fraction, config.seed))
-  if n < config.lsq.batch_size:
-    raise ValueError(f"config.lsq.batch_size {config.lsq.batch_size} exceeds the {n} LSQ "
-                     "train images; lower it or raise config.lsq.train_fraction.")
-
-
 register(Method(name="lsq", kind=TRAINED, order=2, run=run, validate=validate,
-                check_data=check_data, description="LSQ/LSQ+: QAT with LSQ-scaled steps"))
+                check_data=batches_fit("lsq", "LSQ"),
+                description="LSQ/LSQ+: QAT with LSQ-scaled steps"))

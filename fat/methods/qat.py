@@ -12,7 +12,7 @@ import functools
 import optax
 
 from fat import checks, data, loop, steps, variables
-from fat.methods.registry import TRAINED, Context, Method, Result, register
+from fat.methods.registry import TRAINED, Context, Method, Result, batches_fit, register
 
 
 def optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -53,12 +53,5 @@ def validate(config) -> None:
   checks.learning_rate("qat.learning_rate", qat.learning_rate)
 
 
-def check_data(config, train) -> None:
-  n = len(train.sample(config.qat.train_fraction, config.seed))
-  if n < config.qat.batch_size:
-    raise ValueError(f"config.qat.batch_size {config.qat.batch_size} exceeds the {n} QAT "
-                     "train images; lower it or raise config.qat.train_fraction.")
-
-
 register(Method(name="qat", kind=TRAINED, order=1, run=run, validate=validate,
-                check_data=check_data, description="full QAT with labels"))
+                check_data=batches_fit("qat", "QAT"), description="full QAT with labels"))

@@ -104,6 +104,19 @@ def _no_check(config, *args) -> None:
   del config, args
 
 
+def batches_fit(section: str, what: str) -> Callable[[ml_collections.ConfigDict, Any], None]:
+  """A ``Method.check_data`` for a method trained on ``config.<section>.train_fraction``
+  of the train split in batches of ``config.<section>.batch_size`` (``what``: its
+  name in the message): at least one batch must fit."""
+  def check_data(config, train) -> None:
+    cfg = config[section]
+    n = len(train.sample(cfg.train_fraction, config.seed))
+    if n < cfg.batch_size:
+      raise ValueError(f"config.{section}.batch_size {cfg.batch_size} exceeds the {n} {what} "
+                       f"train images; lower it or raise config.{section}.train_fraction.")
+  return check_data
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
   """A registered method.
