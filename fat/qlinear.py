@@ -17,11 +17,16 @@ so the backward pass here runs ``op`` forward on the elementwise derivative
 kernel (``quant.partials``) and multiplies by the cotangent. The weight's own
 gradient (straight-through, masked to the grid's range) is still returned;
 under ``jit`` XLA drops it when nothing uses it.
+
+The sum over positions is chosen per backend (``position_sum``). On the CPU,
+XLA fuses ``jnp.sum`` with the depthwise taps into one reduction that runs
+several times slower than the taps themselves; a product with a vector of
+ones keeps the taps a separate loop and sums in a matrix-vector product
+(benchmarks/fat_step_profile.py times both in one run).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable
 
@@ -29,6 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from fat import quant
+
+# "auto": "dot" on the CPU, "reduce" (jnp.sum) elsewhere.
+POSITION_SUM_IMPLS = ("auto", "dot", "reduce")
+POSITION_SUM_IMPL = "auto"
 
 
 def quantized_linear(x: jax.Array, w: jax.Array, qp: quant.QuantParams,
@@ -60,12 +69,27 @@ def _bwd(spec, op, saved, g):
 
   def contract(dk):  # sum over everything but the output channel (or all of it)
     y = op(x, dk.astype(x.dtype)).astype(jnp.float32) * g.astype(jnp.float32)
-    return quant.reduce_to_params(y, qp, out_spec, y.ndim)
-
-  out_spec = dataclasses.replace(spec, axis=-1)
+    per_channel = position_sum(y)
+    return (per_channel if spec.per_channel else jnp.sum(per_channel)).reshape(
+        jnp.shape(qp.alpha))
 
   grad_beta = None if dy_dbeta is None else contract(dy_dbeta)
   return dx, dw, quant.threshold_grads(qp, contract(dy_dalpha), grad_beta)
 
 
 _quantized_linear.defvjp(_fwd, _bwd)
+
+
+def position_sum(y: jax.Array, impl: str | None = None) -> jax.Array:
+  """Sum of float32 ``y`` over every axis but the last (``impl`` defaults to
+  ``POSITION_SUM_IMPL``)."""
+  impl = POSITION_SUM_IMPL if impl is None else impl
+  if impl not in POSITION_SUM_IMPLS:
+    raise ValueError(f"position_sum impl must be one of {POSITION_SUM_IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    impl = "dot" if jax.default_backend() == "cpu" else "reduce"
+  if impl == "reduce":
+    return jnp.sum(y, axis=tuple(range(y.ndim - 1)))
+  rows = y.reshape(-1, y.shape[-1])
+  return jnp.dot(jnp.ones((rows.shape[0],), y.dtype), rows,
+                 precision=jax.lax.Precision.HIGHEST)

@@ -106,6 +106,31 @@ def test_value_and_gradients_match_autodiff(name, kind, per_channel):
     assert float(got[2][0]) == 0.0
 
 
+@pytest.mark.parametrize("impl", ["dot", "reduce"])
+def test_position_sum_impls_equal_the_sum(impl):
+  y = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 5, 6)), jnp.float32)
+  np.testing.assert_allclose(qlinear.position_sum(y, impl), np.sum(np.asarray(y), axis=(0, 1, 2)),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="position_sum impl must be one of"):
+    qlinear.position_sum(y, "fast")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("impl", ["dot", "reduce"])
+def test_both_position_sums_give_the_autodiff_gradient(monkeypatch, impl, per_channel):
+  """The per-backend choice does not change the threshold gradient."""
+  monkeypatch.setattr(qlinear, "POSITION_SUM_IMPL", impl)
+  op, x, w, qp, spec, g = _case("depthwise_shift_s1", "asymmetric", per_channel, seed=5)
+  ours = lambda a, b: jnp.sum(g * qlinear.quantized_linear(
+      x, w, qp._replace(alpha=a, beta=b), spec, op))
+  ref = lambda a, b: jnp.sum(g * op(x, quant.fake_quant(w, qp._replace(alpha=a, beta=b), spec)))
+  got = jax.jit(jax.grad(ours, argnums=(0, 1)))(qp.alpha, qp.beta)
+  want = jax.jit(jax.grad(ref, argnums=(0, 1)))(qp.alpha, qp.beta)
+  for a, b in zip(got, want):
+    assert float(jnp.max(jnp.abs(b))) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("kind", quant.KINDS)
 def test_threshold_gradients_match_ste_reference(kind):
   """Against test_quant's independent STE autodiff of the METHOD.md formula
