@@ -67,8 +67,10 @@ def _bwd(spec, op, saved, g):
   dx, dwq = op_vjp(g)
   dw = jnp.where(in_range, dwq.astype(jnp.float32), 0.0).astype(w.dtype)
 
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # float32 sums for bf16, float64 stays
+
   def contract(dk):  # sum over everything but the output channel (or all of it)
-    y = op(x, dk.astype(x.dtype)).astype(jnp.float32) * g.astype(jnp.float32)
+    y = op(x, dk.astype(x.dtype)).astype(acc) * g.astype(acc)
     per_channel = position_sum(y)
     return (per_channel if spec.per_channel else jnp.sum(per_channel)).reshape(
         jnp.shape(qp.alpha))
@@ -81,7 +83,7 @@ _quantized_linear.defvjp(_fwd, _bwd)
 
 
 def position_sum(y: jax.Array, impl: str | None = None) -> jax.Array:
-  """Sum of float32 ``y`` over every axis but the last (``impl`` defaults to
+  """Sum of ``y`` over every axis but the last (``impl`` defaults to
   ``POSITION_SUM_IMPL``)."""
   impl = POSITION_SUM_IMPL if impl is None else impl
   if impl not in POSITION_SUM_IMPLS:
