@@ -25,14 +25,17 @@ command line sets ``--verbosity`` (``-v``): ``--verbosity=0`` brings INFO back,
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import difflib
 import importlib.util
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -77,14 +80,37 @@ def exit_on_user_error():
 INTERRUPTED = 130  # the shell's status for a job stopped by Ctrl-C (128 + SIGINT)
 
 
+def _redeliver_interrupts(previous: Callable[[Any], Any]) -> Callable[[Any], None]:
+  """A ``sys.unraisablehook`` that delivers a dropped KeyboardInterrupt again.
+
+  Python runs a signal's handler in the main thread between two bytecodes. When
+  those are in a garbage-collector callback or a ``__del__`` (JAX registers
+  one, ``_xla_gc_callback``), the KeyboardInterrupt the handler raises cannot
+  propagate: Python prints "Exception ignored" and the job goes on. This hook
+  interrupts the main thread again through a Python handler (SIGINT's, or
+  SIGTERM's while a job holds its workdir) a moment later, from another thread,
+  once the callback has returned; one dropped again comes back here. Every
+  other unraisable exception goes to ``previous``."""
+  def hook(unraisable):
+    if unraisable.exc_type is KeyboardInterrupt:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):
+          threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+          return
+    previous(unraisable)
+  return hook
+
+
 def run(main: Callable[[list[str]], Any], interrupted: str = "interrupted.") -> None:
   """``absl.app.run(main)`` with one-line flag errors and a quiet console.
 
   Ctrl-C (or SIGTERM, in jobs that hold a workdir) stops the job with one line
-  (``interrupted``) and exit status 130, after the job's own cleanup. The process then ends
-  without the interpreter's teardown, which could crash in a compile that XLA
-  was still running on another thread.
+  (``interrupted``) and exit status 130, after the job's own cleanup, also when
+  the signal lands in a garbage-collector callback (``_redeliver_interrupts``).
+  The process then ends without the interpreter's teardown, which could crash
+  in a compile that XLA was still running on another thread.
   """
+  sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
   try:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:
