@@ -5,6 +5,7 @@ Tiers: ``pytest -m "not slow"`` is the fast tier; the slow tier (``@pytest.mark.
 runs jobs end to end. ``pytest tests`` runs both.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Most of the suite's time is XLA compiling programs it runs a few times on tiny
+# inputs. JAX's switch for that case turns off XLA's backend (LLVM) optimizations
+# and keeps its HLO passes: the same programs, compiled faster to slower code
+# (float rounding may differ, as it does across CPUs). Subprocesses inherit it;
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after the environment above)
 import jax.numpy as jnp  # noqa: E402
@@ -134,12 +141,37 @@ def float_ckpt(tmp_path_factory):
   return config.output
 
 
+@contextlib.contextmanager
+def xla_optimized():
+  """XLA's full optimizations, in this process and in the subprocesses it starts,
+  for the tests that run many real steps: there they pay for their compile time
+  (the suite's default turns them off, at the top of this file)."""
+  env = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"]
+  flag = jax.config.values["jax_disable_most_optimizations"]
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
+    jax.config.update("jax_disable_most_optimizations", flag)
+
+
+@pytest.fixture
+def optimized():
+  """``xla_optimized`` around one test."""
+  with xla_optimized():
+    yield
+
+
 @pytest.fixture(scope="session")
 def smoke_run(float_ckpt, tmp_path_factory):
-  """(workdir, report) of one in-process smoke run of the main job."""
+  """(workdir, report) of one in-process smoke run of the main job, compiled with
+  XLA's full optimizations (as the kill-and-resume run it is compared with)."""
   from experiments.train import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp("main"))
-  report = train_and_evaluate(smoke_config(float_ckpt), workdir)
+  with xla_optimized():
+    report = train_and_evaluate(smoke_config(float_ckpt), workdir)
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["settings"][0]["name"] == report["settings"][0]["name"]
   return workdir, report

@@ -281,7 +281,7 @@ def _without_timings(report):
 
 
 def test_a_killed_run_resumes_to_the_same_report_in_another_process(smoke_run, float_ckpt,
-                                                                    tmp_path):
+                                                                    tmp_path, optimized):
   """The smoke run's config in a separate process with another hash seed,
   killed (SIGKILL) at a random FAT step of its second setting, then started
   again with the same command: it resumes (the first setting is not rerun, FAT
@@ -327,7 +327,7 @@ def test_a_second_job_on_the_same_workdir_is_refused(float_ckpt, tmp_path):
     assert sorted(os.listdir(work)) == [run_dir.LOCK, "notes.txt"]
 
 
-def test_toy_method_reaches_the_report(float_ckpt, tmp_path):
+def test_toy_method_reaches_the_report(float_ckpt, tmp_path, optimized):
   """tests/toy_method.py registers PTQ with alpha = 0.9; a config naming it runs
   it through the unchanged main job, and the report, its markdown and FAT's
   choice of start see it."""

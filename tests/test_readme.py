@@ -17,7 +17,7 @@ def library_block() -> str:
 
 
 @pytest.mark.slow
-def test_readme_library_example_trains_thresholds(monkeypatch):
+def test_readme_library_example_trains_thresholds(monkeypatch, optimized):
   monkeypatch.chdir(REPO)  # the block names the shipped checkpoint by a relative path
   ns = {}
   exec(compile(library_block(), "README.md", "exec"), ns)  # pylint: disable=exec-used
