@@ -162,23 +162,33 @@ def test_publishing_a_setting_removes_its_old_export(tmp_path):
 # A job whose Ctrl-C lands in a garbage-collector callback: the callback's
 # KeyboardInterrupt is dropped by Python ("Exception ignored"); cli.run must still
 # stop the job with exit status 130 and its one line. Without the hook the loop
-# runs to its end and prints "not stopped".
+# runs to its end and prints "not stopped". With GC_JOB_WORKDIR set, SIGINT is
+# ignored (as under nohup) and the job holds a workdir: SIGTERM's handler delivers it.
 _GC_INTERRUPT_JOB = """
-import gc, signal, sys, time
-from experiments import cli
+import gc, os, signal, time
+from experiments import cli, run_dir
 
 def callback(phase, info):
   if phase == "start":
     gc.callbacks.remove(callback)
     raise KeyboardInterrupt  # as a SIGINT handled inside the callback does
 
-def main(argv):
+def spin():
   gc.callbacks.append(callback)
   gc.collect()
   deadline = time.time() + 5
   while time.time() < deadline:
     pass
   print("not stopped")
+
+def main(argv):
+  workdir = os.environ.get("GC_JOB_WORKDIR")
+  if workdir is None:
+    spin()
+    return
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  with run_dir.job(workdir, {}):
+    spin()
 
 cli.run(main)
 """
@@ -190,15 +200,11 @@ def test_an_interrupt_dropped_in_a_gc_callback_still_stops_the_job(tmp_path, sig
   import subprocess
   import sys
   from conftest import REPO
-  script = _GC_INTERRUPT_JOB
-  if sigterm_job:  # SIGINT ignored (as under nohup): SIGTERM's job handler delivers it
-    script = script.replace("def main(argv):\n", "def main(argv):\n"
-                            "  signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                            f"  with run_dir.job({str(tmp_path / 'w')!r}, {{}}):\n"
-                            "    job(argv)\n\ndef job(argv):\n")
-    script = script.replace("from experiments import cli", "from experiments import cli, run_dir")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if sigterm_job:
+    env["GC_JOB_WORKDIR"] = str(tmp_path / "w")
+  proc = subprocess.run([sys.executable, "-c", _GC_INTERRUPT_JOB], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120,
                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   assert proc.returncode == 130, (proc.returncode, proc.stdout, proc.stderr[-2000:])
   assert "not stopped" not in proc.stdout and proc.stderr.strip().endswith("interrupted.")
