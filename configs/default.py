@@ -84,7 +84,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       lr_by_width=True,
       reset_steps=400,           # N of METHOD.md section 3
       lr_decay=1e-4,
-      loss="rmse",               # or "smooth_l1" (the original code's)
+      # The distillation loss: "rmse" (the paper's), "smooth_l1" (the original
+      # code's) or "kl" (KL(softmax(float) || softmax(quantized)), batch mean).
+      loss="rmse",
       # Unlabeled images withheld from training (drawn by the seed, none of them
       # calibration images): FAT's start is the PTQ result with the lowest
       # distillation loss on them, and keep_best scores on them. 0: both score

@@ -37,6 +37,12 @@ def test_distillation_losses_match_formulas():
                              np.sqrt((1 + 0 + 1 + 4) / 4), rtol=1e-6)
   expected = np.mean([np.sqrt(1 + 1e-5) + np.sqrt(1e-5), np.sqrt(1 + 1e-5) + np.sqrt(4 + 1e-5)])
   np.testing.assert_allclose(steps.distillation_loss(q, f, "smooth_l1"), expected, rtol=1e-6)
+  # kl: sum_k p_k log(p_k / q_k) with p = softmax(f), q = softmax(q), batch mean.
+  softmax = lambda z: np.exp(np.float64(z)) / np.exp(np.float64(z)).sum(-1, keepdims=True)
+  pf, pq = softmax(f), softmax(q)
+  np.testing.assert_allclose(steps.distillation_loss(q, f, "kl"),
+                             np.mean(np.sum(pf * np.log(pf / pq), -1)), rtol=1e-5)
+  assert float(steps.distillation_loss(f, f, "kl")) == 0.0
   with pytest.raises(ValueError, match="distillation loss"):
     steps.distillation_loss(q, f, "l2")
 
