@@ -78,18 +78,19 @@ def run_module(module, *args, env=None, timeout=600):
 
 
 def run_parallel(commands, env=None, timeout=600):
-  """Runs each ``[module, *args]`` as ``python -m module args`` at the same time
-  (each entry point defines absl flags at import: one process each); returns
-  their ``CompletedProcess`` results in order."""
+  """Runs each ``[module, *args]`` as ``python -m module args`` would, all at the
+  same time; returns their ``CompletedProcess`` results in order. Each runs in a
+  fork of one process that has imported JAX, Flax and optax once
+  (``tests/forked_modules.py``): entry points define absl flags at import, so
+  each needs a process of its own, but not its own imports."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-  procs = [subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cmd in commands]
-  results = []
-  for cmd, p in zip(commands, procs):
-    out, err = p.communicate(timeout=timeout)
-    results.append(subprocess.CompletedProcess([sys.executable, "-m", *cmd], p.returncode,
-                                               out, err))
-  return results
+  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "forked_modules.py")],
+                     input=json.dumps([list(cmd) for cmd in commands]), cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=timeout)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return [subprocess.CompletedProcess([sys.executable, "-m", *cmd], out["returncode"],
+                                      out["stdout"], out["stderr"])
+          for cmd, out in zip(commands, json.loads(r.stdout))]
 
 
 def run_main(*args, env=None, timeout=300):

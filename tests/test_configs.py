@@ -5,14 +5,13 @@ import glob
 import importlib
 import os
 import re
-import subprocess
-import sys
 
 import ml_collections
 import pytest
 
 from experiments import config_checks
 from fat import models
+from conftest import run_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, REPO)[:-3].replace("/", ".")
@@ -69,16 +68,13 @@ BAD_FLAGS = [
 def test_bad_flags_get_one_error_line(tmp_path):
   """Exit status 2, the message once (on one ``error:`` line), no traceback, no INFO
   log lines, and no workdir. The commands run in parallel."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", module, *flags, f"--workdir={tmp_path / str(i)}"], cwd=REPO,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i, (module, flags, _, _) in enumerate(BAD_FLAGS)]
-  for i, (p, (module, flags, message, also)) in enumerate(zip(procs, BAD_FLAGS)):
-    _, err = p.communicate(timeout=300)
+  runs = run_parallel([(module, *flags, f"--workdir={tmp_path / str(i)}")
+                       for i, (module, flags, _, _) in enumerate(BAD_FLAGS)])
+  for i, (r, (module, flags, message, also)) in enumerate(zip(runs, BAD_FLAGS)):
+    err = r.stderr
     case = (module, flags, err[-3000:])
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert p.returncode == 2 and len(errors) == 1, case
+    assert r.returncode == 2 and len(errors) == 1, case
     assert errors[0].startswith(f"error: {message}") and also in errors[0], case
     assert err.count(message) == 1 and "Traceback" not in err, case
     assert not re.search(r"^I\d{4} ", err, re.M), case  # INFO lines stay off the console

@@ -45,7 +45,9 @@ def test_more_train_examples_than_images_is_named(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path):
+# The two resume checks run tens of real steps: compiled fully optimized
+# (``conftest.optimized``), they take about a quarter less CPU time.
+def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path, optimized):
   """Interrupted (Ctrl-C) after its step checkpoint at step 2 of 4, the float job
   started again resumes there and saves the weights of an uninterrupted run."""
   import jax
@@ -82,12 +84,12 @@ def test_a_killed_float_job_resumes_to_the_same_weights(tmp_path):
   assert meta["top1_pct"] == checkpoints.load_meta(full.output)["top1_pct"]
 
 
-def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path):
+def test_ctrl_c_during_a_compile_exits_130_and_the_job_resumes(tmp_path, optimized):
   """SIGINT while the first train steps compile or run: one line, exit status 130,
   no crash; the stage stays for the same command, which then finishes. The child
   gets the default SIGINT handling (a test worker may ignore SIGINT, and a child
-  inherits that), and 3,200 examples (50 steps) keep the job running past the
-  signal when a warm compilation cache makes the compile quick."""
+  inherits that), and 3,200 examples (50 steps, 7 s on the 2-core machine) keep the
+  job running past the signal when a warm compilation cache makes the compile quick."""
   import signal
   import subprocess
   import sys
