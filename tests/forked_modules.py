@@ -27,6 +27,7 @@ SHARED = ("absl.app", "absl.flags", "flax.linen", "jax", "ml_collections", "nump
 for _name in SHARED:
   importlib.import_module(_name)
 
+
 def _exit_code(code) -> int:
   """The exit status ``sys.exit(code)`` gives a Python process."""
   if code is None:
@@ -51,7 +52,7 @@ def _child(module: str, args: list, out_path: str, err_path: str) -> None:
       code = 0
     except SystemExit as e:
       code = _exit_code(e.code)
-    except BaseException:  # noqa: B036  (as the interpreter does: traceback, status 1)
+    except BaseException:  # as the interpreter does: the traceback, status 1
       traceback.print_exc()
       code = 1
     atexit._run_exitfuncs()
