@@ -40,9 +40,9 @@ def distillation_loss(q_logits, f_logits, kind: str = "rmse"):
   """RMSE over batch and logits, the original ``mean_batch(sum sqrt(d^2 + 1e-5))``,
   or ``kl``: the batch mean of KL(softmax(f) || softmax(q))."""
   if kind == "kl":
-    log_p = jax.nn.log_softmax(f_logits.astype(jnp.float32))
-    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32))
-    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+    return jnp.mean(optax.losses.kl_divergence_with_log_targets(
+        jax.nn.log_softmax(q_logits.astype(jnp.float32)),
+        jax.nn.log_softmax(f_logits.astype(jnp.float32))))
   d = q_logits.astype(jnp.float32) - f_logits.astype(jnp.float32)
   if kind == "rmse":
     # sqrt has an infinite slope at 0: at d == 0 give the gradient 0, not NaN.
