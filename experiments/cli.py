@@ -43,6 +43,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict
 from ml_collections.config_flags import config_path
 
+from experiments import huge_pages
 from fat.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -109,7 +110,11 @@ def run(main: Callable[[list[str]], Any], interrupted: str = "interrupted.") -> 
   the signal lands in a garbage-collector callback (``_redeliver_interrupts``).
   The process then ends without the interpreter's teardown, which could crash
   in a compile that XLA was still running on another thread.
+
+  First it starts the process again with transparent huge pages for XLA:CPU's
+  per-call buffers, where the system has them (``experiments.huge_pages``).
   """
+  huge_pages.reexec()
   sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
   try:
     app.run(main, flags_parser=parse_flags)

@@ -29,6 +29,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # (float rounding may differ, as it does across CPUs). Subprocesses inherit it;
 # JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimized.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The test workers (pytest-xdist starts them after this file is imported) and the
+# entry points a test starts run with transparent huge pages for XLA:CPU's per-call
+# buffers, as the entry points do on their own (experiments/huge_pages.py); with
+# the tunable already set, those entry points do not start themselves again.
+from experiments import huge_pages  # noqa: E402
+if huge_pages.wanted(os.environ):
+  os.environ.update(huge_pages.with_tunable(os.environ))
 
 import jax  # noqa: E402  (after the environment above)
 import jax.numpy as jnp  # noqa: E402

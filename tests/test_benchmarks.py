@@ -53,14 +53,17 @@ BAD_FLAGS = [
     ("lr_sweep", "--config.fat.keep_best=False", "set config.fat.keep_best=True"),
     ("fat_vs_qat", "--checkpoint=/nonexistent/ckpt", "error: no checkpoint at '/nonexistent/ckpt'"),
     ("fat_vs_qat", "--max_seconds=0", "error: --max_seconds must be positive"),
+    ("host_memory", "--setting=w9", "error: --setting='w9' is not a setting of configs/default.py"),
+    ("host_memory", "--calls=0", "error: --repeats and --calls must be >= 1"),
 ]
+NO_WORKDIR = ("fat_vs_qat", "host_memory")
 
 
 @pytest.mark.slow
 def test_benchmarks_reject_bad_flags(tmp_path):
   """Each case of ``BAD_FLAGS`` exits 2 with its message and writes nothing (run in parallel)."""
   runs = [(f"benchmarks.{script}", flag) + ((f"--workdir={tmp_path / str(i)}",)
-                                            if script != "fat_vs_qat" else ())
+                                            if script not in NO_WORKDIR else ())
           for i, (script, flag, _) in enumerate(BAD_FLAGS)]
   for i, ((script, flag, message), r) in enumerate(zip(BAD_FLAGS, run_parallel(runs))):
     assert r.returncode == 2 and message in r.stderr, (script, flag, r.stderr[-2000:])
