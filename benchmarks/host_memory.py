@@ -60,25 +60,23 @@ def measure(setting: str, calls: int) -> dict:
   # pylint: disable=import-outside-toplevel
   import optax
   from experiments import train
-  from fat import evaluate, steps
+  from fat import evaluate, steps, variables
   config = default.get_config()
-  names = [s.name for s in config.settings]
   inputs = train.load_inputs(config)
   shared = train.shared_float(config, inputs)
-  ctx = train.setting_context(config.settings[names.index(setting)], config, shared,
-                              inputs.splits)
+  ctx = train.setting_context(next(s for s in config.settings if s.name == setting), config,
+                              shared, inputs.splits)
   predict = evaluate.make_predict(ctx.qmodel.apply)
   x_eval = next(inputs.splits["test"].batches(500))[0]
   tx = optax.adam(config.fat.learning_rate)
   step = steps.make_fat_step(ctx.qmodel, tx)
-  trainable = {"thresholds": ctx.variables["thresholds"]}
-  frozen = {k: v for k, v in ctx.variables.items() if k != "thresholds"}
-  opt_state = tx.init(trainable)
+  part = variables.partition(ctx.variables)  # thresholds | the rest, as FAT trains them
+  opt_state = tx.init(part.trainable)
   x_train = next(inputs.splits["unlabeled"].batches(100))[0]
   teacher = shared.teacher[:len(x_train)]
   return {"eval": _per_call(lambda: predict(ctx.variables, x_eval), calls),
-          "step": _per_call(lambda: step(trainable, opt_state, frozen, x_train, teacher),
-                            calls)}
+          "step": _per_call(lambda: step(part.trainable, opt_state, part.frozen, x_train,
+                                         teacher), calls)}
 
 
 def main(argv):

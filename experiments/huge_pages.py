@@ -6,7 +6,8 @@ batch of 500 images of the shipped MobileNet-v2, on an Eigen worker thread.
 glibc serves a request that large with a fresh ``mmap`` (a thread's arena
 cannot hold it) and unmaps it on ``free``, so every call faults in and zeroes
 the whole buffer again, 4 KiB at a time: about 78,000 page faults per eval
-batch and 144,000 per FAT step, a quarter of the CPU time in the kernel.
+batch and 144,000 per FAT step, which spent 22% and 43% of their CPU time in
+the kernel.
 glibc's ``glibc.malloc.hugetlb=1`` tunable advises transparent huge pages on
 the memory it maps (2 MiB pages: 512 times fewer faults). Tunables are read
 when the process starts, so ``reexec`` starts the entry point again with it
