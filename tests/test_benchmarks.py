@@ -333,6 +333,38 @@ def test_peers_joins_the_methods_of_another_run_of_the_same_harness(tmp_path):
     peers.join(rep, preds, *peers.read(_write_peers_run(labels, [(setting, p)])), "d")
 
 
+def test_compare_runs_tests_each_method_of_both_runs(tmp_path):
+  """benchmarks.compare_runs: one row per setting and method both runs have,
+  with McNemar on the images one of them gets right; another harness, other
+  labels or nothing in common are refused."""
+  from benchmarks import compare_runs, peers
+  base = _write_peers_run(tmp_path / "a", [
+      _peer_setting("w4a4_per_channel", 4, 4, {"ptq_minmax": 50, "fat": 90, "lsq": 80}, {}),
+      _peer_setting("w8a8_per_channel", 8, 8, {"fat": 100}, {})])
+  variant = _write_peers_run(tmp_path / "b", [
+      _peer_setting("w4a4_per_channel", 4, 4, {"ptq_minmax": 70, "fat": 90, "qat": 1}, {})])
+  rows = compare_runs.rows(peers.read(base), peers.read(variant), variant)
+  assert rows[0][:5] == ["w4a4_per_channel", "ptq_minmax", "50.00", "70.00", "+20.00"]
+  assert rows[0][5].startswith("0 / 20, p = 1.9e-06")
+  assert rows[1] == ["w4a4_per_channel", "fat", "90.00", "90.00", "+0.00", "0 / 0, p = 1"]
+  assert len(rows) == 2   # lsq and qat are in one run only, w8a8 in the baseline only
+  other = _write_peers_run(tmp_path / "c", [_peer_setting("w4a4_per_channel", 4, 4, {}, {})],
+                           seed=1)
+  with pytest.raises(ValueError, match="ran another harness or float model"):
+    compare_runs.rows(peers.read(base), peers.read(other), other)
+  setting, p = _peer_setting("w4a4_per_channel", 4, 4, {"fat": 90}, {})
+  p["labels"] = np.ones(100, np.int16)
+  with pytest.raises(ValueError, match="other test labels or float predictions"):
+    compare_runs.rows(peers.read(base), peers.read(_write_peers_run(tmp_path / "d", [
+        (setting, p)])), "d")
+  lone = _write_peers_run(tmp_path / "e", [_peer_setting("w3a8_per_channel", 3, 8,
+                                                         {"fat": 9}, {})])
+  with pytest.raises(ValueError, match="no setting and method in common"):
+    compare_runs.rows(peers.read(base), peers.read(lone), lone)
+  with pytest.raises(ValueError, match="no report.json in .*: give the workdir of a finished"):
+    compare_runs.read(str(tmp_path / "missing"))
+
+
 def test_peer_targets_from_a_finished_job(tmp_path):
   """benchmarks.peers reads report.json and predictions/<setting>.npz and checks each
   target on the numbers it was given: met, not met, and McNemar between any two methods."""
