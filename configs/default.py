@@ -56,6 +56,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # by the calibration maxima) or no activation, e.g. depthwise -> project. The
   # fp32 row and FAT's teacher keep the unrescaled params.
   c.equalize = False
+  # What rescaling equalizes: "weights" (DFQ: the two kernels' ranges, for
+  # per-tensor weights) or "activations" (every channel of a ReLU/ReLU6 output
+  # to one range, for per-tensor activations over per-channel weights).
+  c.equalize_target = "weights"
   # DFQ's empirical bias correction (fat/bias_correction.py) of every PTQ
   # method's variables on the calibration images; FAT starts from them.
   c.bias_correction = False

@@ -7,7 +7,8 @@ import tempfile
 
 import ml_collections
 
-from fat import checks, data, float_training, imagenet, methods, models, pipeline, quant
+from fat import (checks, data, equalize, float_training, imagenet, methods, models, pipeline,
+                 quant)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -28,6 +29,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
   for name in ("equalize", "bias_correction"):
     checks.boolean(name, config.get(name, False))
+  target = config.get("equalize_target", "weights")
+  if target not in equalize.TARGETS:
+    raise ValueError(f"config.equalize_target must be one of {equalize.TARGETS}, got "
+                     f"{target!r}.")
   fat = config.fat
   checks.fraction("fat.train_fraction", fat.train_fraction)
   methods.validate(config)

@@ -158,7 +158,8 @@ def shared_float(config: ml_collections.ConfigDict, inputs: Inputs) -> Shared:
   # row and the teacher keep the folded params (exact on the calibration images,
   # not on every image across ReLU6: fat/equalize.py).
   qfolded = (equalize.equalize_images(model, folded, splits["calib"],
-                                      batch_size=config.calibration_batch_size)
+                                      batch_size=config.calibration_batch_size,
+                                      target=config.get("equalize_target", "weights"))
              if config.get("equalize", False) else folded)
   fmodel = quantized(model, (), stage="folded")
   teacher = evaluate.logits(jax.jit(fmodel.apply), folded, splits["unlabeled"],

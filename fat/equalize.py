@@ -56,6 +56,17 @@ images and h = 1: the float logits move by 5e-7 (relative to their largest
 magnitude) on the calibration images and by up to 2.7% on the 10,000 test
 images, whose float argmax is unchanged on every image.
 
+**Equalizing activations instead** (``target="activations"``, beyond DFQ and
+the paper). With per-channel weights, the kernels need no equalizing, but a
+per-tensor activation grid still has to span the channel with the largest
+range, and a channel with a tenth of that range gets a tenth of the levels
+(at 4 bits: one or two). Rescaling a pair whose second layer is depthwise
+(expand -> dw, stem -> dw) to ``s_i = a_i / R`` (``a_i`` channel i's largest
+output on the calibration images, ``R`` the largest of them) gives every
+channel of the tensor between them the range ``R``, and moves neither
+kernel's per-channel grid relative to its weights. For ReLU6, ``R <= 6``
+keeps every scale at or above its floor, so the same bounds hold.
+
     new = equalize.equalize_images(model, folded, calib_images)   # one call
     # or, step by step:
     maxima = equalize.channel_maxima(model, folded, calib_images)
@@ -188,9 +199,34 @@ def relu6_bounds(channel_max: np.ndarray, headroom: float = 1.0):
   return np.where(m > 0, m / RELU6_CAP, 1.0), m >= RELU6_CAP
 
 
+def activation_scales(channel_max: np.ndarray, act: str, headroom: float = 1.0) -> np.ndarray:
+  """``s`` of the ``"activations"`` target for a pair whose first layer has
+  activation ``act`` ("relu" or "relu6") and calibration maxima ``m``
+  (``channel_maxima``): every channel that fires is scaled to the largest
+  channel's range ``R``, ``s_i = a_i / R`` with ``a_i`` channel i's largest
+  output (``min(m_i, 6)`` for ReLU6). Then one per-tensor activation grid
+  fits every channel of the output. For ReLU6, ``R <= 6 / headroom``, so
+  ``s_i >= headroom * m_i / 6`` (``relu6_bounds``' floor) and the scaled
+  channels stay below the clip on the calibration images; locked channels and
+  channels that never fire keep ``s_i = 1``."""
+  m = np.asarray(channel_max, np.float64)
+  a = np.where(m > 0, np.minimum(m, RELU6_CAP) if act == "relu6" else m, 0.0)
+  top = float(a.max(initial=0.0))
+  if act == "relu6":
+    top = min(top, RELU6_CAP / headroom)
+  s = np.where(a > 0, a / top if top > 0 else 1.0, 1.0)
+  if act == "relu6":
+    floor, locked = relu6_bounds(m, headroom)
+    s = np.where(locked, 1.0, np.maximum(s, floor))
+  return s
+
+
+TARGETS = ("weights", "activations")
+
+
 def equalize(model: nn.Module, folded: dict, sample, *,
              channel_max: dict | None = None, headroom: float = 1.0, iterations: int = 100,
-             tol: float = 1e-6) -> dict:
+             tol: float = 1e-6, target: str = "weights") -> dict:
   """``folded`` with every pair of ``pairs(model, folded, sample)`` rescaled
   (module docstring); returns a new ``{"params": ...}`` (same dtypes).
 
@@ -204,17 +240,29 @@ def equalize(model: nn.Module, folded: dict, sample, *,
       is up to ``headroom`` times its calibration max (``relu6_bounds``).
     iterations: the most sweeps over the pairs.
     tol: stop when every ``|s_i - 1|`` of a sweep is below this.
+    target: ``"weights"`` (DFQ: balance the two kernels' ranges) or
+      ``"activations"``: in one pass, every pair whose second layer is a
+      depthwise conv and whose first ends in ReLU or ReLU6 gets
+      ``activation_scales``, so every channel of the tensor between them has
+      one range. With per-channel weights that is free: both kernels' channels
+      are scaled whole, so their grids keep their place relative to the
+      weights, and only the per-tensor activation grid between them changes.
+      Pairs into a pointwise conv are left alone (scaling its input columns
+      would crush the small ones on a per-channel 4-bit grid).
   """
+  if target not in TARGETS:
+    raise ValueError(f"equalize: target must be one of {TARGETS}, got {target!r}.")
   if not headroom >= 1.0:
     raise ValueError(f"equalize: headroom must be >= 1 (1: exact on the calibration images), "
                      f"got {headroom}.")
   if iterations < 1:
     raise ValueError(f"equalize: iterations must be >= 1, got {iterations}.")
   found = pairs(model, folded, sample)
+  needs = ("relu", "relu6") if target == "activations" else ("relu6",)
   missing = [p.first for p in found
-             if p.act == "relu6" and (channel_max is None or p.first not in channel_max)]
+             if p.act in needs and (channel_max is None or p.first not in channel_max)]
   if missing:
-    raise ValueError(f"equalize needs the calibration maxima of the ReLU6 layers {missing}; "
+    raise ValueError(f"equalize needs the calibration maxima of the layers {missing}; "
                      "pass channel_max=fat.equalize.channel_maxima(model, folded, images) "
                      "(or call fat.equalize.equalize_images).")
   leaves = traverse_util.flatten_dict(folded["params"], sep="/")
@@ -227,36 +275,52 @@ def equalize(model: nn.Module, folded: dict, sample, *,
         raise ValueError(f"channel_max[{p.first!r}] has shape {m.shape}, expected "
                          f"{flat[f'{p.first}/conv/bias'].shape}; measure it on the same model.")
       bounds[p.first] = relu6_bounds(m, headroom)
+  if target == "activations":
+    for p in found:
+      if p.depthwise and p.act in ("relu", "relu6"):
+        s = activation_scales(channel_max[p.first], p.act, headroom)
+        _rescale(flat, p, s)
+    return _params(flat, leaves)
   total = {p.first: np.ones(flat[f"{p.first}/conv/bias"].shape) for p in found}
   for _ in range(iterations):
     change = 0.0
     for p in found:
-      w1, b1, w2 = (f"{p.first}/conv/kernel", f"{p.first}/conv/bias",
-                    f"{p.second}/conv/kernel")
-      in_axis = -1 if p.depthwise else -2
-      r1, r2 = _ranges(flat[w1], -1), _ranges(flat[w2], in_axis)
+      r1 = _ranges(flat[f"{p.first}/conv/kernel"], -1)
+      r2 = _ranges(flat[f"{p.second}/conv/kernel"], -1 if p.depthwise else -2)
       ok = (r1 > 0) & (r2 > 0)
       s = np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
       if p.first in bounds:
         floor, locked = bounds[p.first]
         s = np.where(locked, 1.0, np.maximum(s, floor / total[p.first]))
       total[p.first] = total[p.first] * s
-      flat[w1], flat[b1] = flat[w1] / s, flat[b1] / s
-      shape = [1] * flat[w2].ndim
-      shape[in_axis] = -1
-      flat[w2] = flat[w2] * s.reshape(shape)
+      _rescale(flat, p, s)
       change = max(change, float(np.max(np.abs(s - 1.0), initial=0.0)))
     if change < tol:
       break
+  return _params(flat, leaves)
+
+
+def _rescale(flat: dict, p: Pair, s: np.ndarray) -> None:
+  """Divide output channel i of ``p.first`` (kernel and bias) by ``s_i`` and
+  multiply input channel i of ``p.second`` by it, in ``flat`` (float64 arrays)."""
+  w1, b1, w2 = f"{p.first}/conv/kernel", f"{p.first}/conv/bias", f"{p.second}/conv/kernel"
+  flat[w1], flat[b1] = flat[w1] / s, flat[b1] / s
+  shape = [1] * flat[w2].ndim
+  shape[-1 if p.depthwise else -2] = -1
+  flat[w2] = flat[w2] * s.reshape(shape)
+
+
+def _params(flat: dict, leaves: dict) -> dict:
   params = {k: jnp.asarray(v, np.asarray(leaves[k]).dtype) for k, v in flat.items()}
   return {"params": traverse_util.unflatten_dict(params, sep="/")}
 
 
 def equalize_images(model: nn.Module, folded: dict, images, *, batch_size: int = 128,
-                    headroom: float = 1.0, iterations: int = 100, tol: float = 1e-6) -> dict:
+                    headroom: float = 1.0, iterations: int = 100, tol: float = 1e-6,
+                    target: str = "weights") -> dict:
   """``equalize`` with the ReLU6 maxima measured on ``images`` (the calibration
   images, a ``fat.data.Split`` or NHWC array): the one call of the main job."""
   maxima = channel_maxima(model, folded, images, batch_size=batch_size)
   sample = next(data.image_batches(images, 1)[0])
   return equalize(model, folded, sample, channel_max=maxima, headroom=headroom,
-                  iterations=iterations, tol=tol)
+                  iterations=iterations, tol=tol, target=target)

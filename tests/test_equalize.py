@@ -142,9 +142,80 @@ def test_tiny_net_keeps_its_function_float32():
   assert np.mean(moved > 1e-3) > 0.5   # rescaling did something
 
 
+def test_activation_scales():
+  """Every channel that fires is scaled to the largest range; ReLU6 caps that
+  range at 6 (and at 6 / headroom) and keeps locked and silent channels."""
+  np.testing.assert_allclose(equalize.activation_scales(np.array([-1.0, 0.0, 1.0, 2.0, 4.0]),
+                                                        "relu"), [1, 1, 0.25, 0.5, 1])
+  np.testing.assert_allclose(equalize.activation_scales(np.array([1.0, 3.0, 9.0, -2.0]),
+                                                        "relu6"), [1 / 6, 0.5, 1, 1])
+  # headroom 1.5: the range is capped at 4, and 5 * 1.5 >= 6 locks the second channel.
+  np.testing.assert_allclose(equalize.activation_scales(np.array([1.0, 5.0]), "relu6",
+                                                        headroom=1.5), [0.25, 1.0])
+  m = np.array([0.5, 1.0, 3.0, 3.9])
+  floor, locked = equalize.relu6_bounds(m, headroom=1.5)
+  s = equalize.activation_scales(m, "relu6", headroom=1.5)
+  assert np.all(s >= floor) and not locked.any()
+  np.testing.assert_allclose(m / s, 3.9)
+
+
+def test_activation_target_gives_each_depthwise_input_one_range():
+  """target="activations" on tiny_net (float32): the logits on the
+  calibration images are kept; every firing channel of each tensor read by a
+  depthwise conv ends with the same largest value (6 where a channel clips);
+  every other layer, and the depthwise biases, are untouched."""
+  model = tiny_net()
+  x = _images(32, 16, 1)
+  folded = _fold(model, _float_vars(model, x))
+  new = equalize.equalize_images(model, folded, x, target="activations")
+  assert _relative_change(model, folded, new, x) < ATOL_REL
+  before_max = equalize.channel_maxima(model, folded, x)
+  after_max = equalize.channel_maxima(model, new, x)
+  before, after = _flat(folded), _flat(new)
+  pairs = equalize.pairs(model, folded, x)
+  into_dw = [p for p in pairs if p.depthwise]
+  assert [p.first for p in into_dw] == ["stem", "block_1/expand", "block_2/expand"]
+  for p in into_dw:
+    fires = before_max[p.first] > 0
+    a_before = np.minimum(before_max[p.first][fires], 6.0)
+    a_after = np.minimum(after_max[p.first][fires], 6.0)
+    assert a_before.min() < 0.5 * a_before.max(), p.first   # the ranges did differ
+    np.testing.assert_allclose(a_after, a_after.max(), rtol=1e-4, err_msg=p.first)
+  moved = {p.first for p in into_dw} | {p.second for p in into_dw}
+  for key in before:
+    layer, leaf = key.rsplit("/conv/", 1) if "/conv/" in key else (key, "")
+    if layer not in moved or (leaf == "bias" and layer.endswith("/dw")):
+      np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    else:
+      assert not np.array_equal(after[key], before[key]), key
+  with pytest.raises(ValueError, match="target must be one of"):
+    equalize.equalize_images(model, folded, x, target="both")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mnasnet"])
-def test_network_keeps_its_function(name):
+def test_activation_target_helps_per_tensor_activations():
+  """What it is for: 8-bit per-channel weights, and the tensors read by
+  depthwise convs at 4 bits per tensor (min/max; the others at 16 bits).
+  After it, tiny_net loses a fraction of the float logits it lost before."""
+  model = tiny_net()
+  x = _images(32, 16, 4)
+  folded = _fold(model, _float_vars(model, x))
+  a4 = rules.QuantRule(pattern=r"^(stem|block_\d+/expand)/act_q$", act=quant.QuantSpec(bits=4))
+  r = rules.uniform_rules(weight=quant.QuantSpec(bits=8, per_channel=True),
+                          act=quant.QuantSpec(bits=16), overrides=(a4,))
+  ref = np.asarray(jax.jit(calibrate.quantized(model, (), stage="folded").apply)(folded, x))
+  errors = []
+  for params in (folded, equalize.equalize_images(model, folded, x, target="activations")):
+    qmodel, qvars = pipeline.quantize(model, params, r, x)
+    qvars = calibrate.calibrate(qmodel, qvars, [x], progress=False)
+    errors.append(float(np.mean((np.asarray(jax.jit(qmodel.apply)(qvars, x)) - ref) ** 2)))
+  assert errors[1] < 0.3 * errors[0], errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,target", [("mobilenet_v2", "weights"), ("mnasnet", "weights"),
+                                         ("mnasnet", "activations")])
+def test_network_keeps_its_function(name, target):
   """Each whole network, in float64: logits unchanged on the calibration images
   (ReLU6 is bounded by their maxima); MNASNet's ReLU pairs are exact on any image."""
   with jax.enable_x64(True):
@@ -153,12 +224,20 @@ def test_network_keeps_its_function(name):
     x = _images(16, 16, 2, np.float64)
     folded = _fold(model, _float_vars(model, x))
     maxima = equalize.channel_maxima(model, folded, x)
-    new = equalize.equalize(model, folded, x, channel_max=maxima)
+    new = equalize.equalize(model, folded, x, channel_max=maxima, target=target)
     change = _relative_change(model, folded, new, x)
     assert change < ATOL_REL, change
     assert change < 1e-9, change   # float64: exact up to rounding
     if name == "mnasnet":
       assert _relative_change(model, folded, new, _images(16, 16, 3, np.float64)) < 1e-9
+    if target == "activations":
+      after_max = equalize.channel_maxima(model, new, x)
+      firsts = {p.first for p in equalize.pairs(model, folded, x) if p.depthwise}
+      assert len(firsts) >= 10
+      for first in firsts:   # ReLU, no cap: each tensor into a depthwise has one range
+        a = after_max[first][maxima[first] > 0]
+        np.testing.assert_allclose(a, a.max(), rtol=1e-6, err_msg=first)
+      return
     # Every ReLU pair ends with equal ranges (sqrt(r1 r2) on both sides); a ReLU6
     # pair where a channel's calibration maximum holds it back does not.
     before, after = _flat(folded), _flat(new)
@@ -202,8 +281,10 @@ def test_equalizing_helps_per_tensor_weights():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_channel", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_export_matches_the_integer_reference_after_rescaling(per_channel):
+@pytest.mark.parametrize("per_channel,target", [
+    (False, "weights"), pytest.param(True, "weights", marks=pytest.mark.slow),
+    pytest.param(True, "activations", marks=pytest.mark.slow)])
+def test_export_matches_the_integer_reference_after_rescaling(per_channel, target):
   """W8A8 on rescaled tiny_net: every integer op reproduces the simulation's grid
   indices within one step (>= 99.9% equal), as tests/test_export.py requires.
 
@@ -214,7 +295,7 @@ def test_export_matches_the_integer_reference_after_rescaling(per_channel):
   model = tiny_net()
   x = _images(16, 16, 5)
   folded = _fold(model, _float_vars(model, x))
-  new = equalize.equalize_images(model, folded, x)
+  new = equalize.equalize_images(model, folded, x, target=target)
   r = rules.uniform_rules(weight=quant.QuantSpec(bits=8, per_channel=per_channel),
                           act=quant.QuantSpec(bits=8))
   qmodel, qvars = pipeline.quantize(model, new, r, x)
@@ -326,3 +407,14 @@ def test_config_switches_are_booleans(field):
   with pytest.raises(ValueError, match=f"config.{field} must be True or False"):
     config_checks.validate(c)
 
+
+
+def test_config_equalize_target_is_checked():
+  from configs import default
+  c = default.get_config()
+  assert c.equalize_target == "weights"
+  c.equalize_target = "activations"
+  config_checks.validate(c)
+  c.equalize_target = "channels"
+  with pytest.raises(ValueError, match="config.equalize_target must be one of"):
+    config_checks.validate(c)
