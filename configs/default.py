@@ -57,8 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # fp32 row and FAT's teacher keep the unrescaled params.
   c.equalize = False
   # What rescaling equalizes: "weights" (DFQ: the two kernels' ranges, for
-  # per-tensor weights) or "activations" (every channel of a ReLU/ReLU6 output
-  # to one range, for per-tensor activations over per-channel weights).
+  # per-tensor weights) or "activations" (every channel of each ReLU/ReLU6
+  # tensor a depthwise conv reads to one range, for per-tensor activations over
+  # per-channel weights). Read only with equalize = True.
   c.equalize_target = "weights"
   # DFQ's empirical bias correction (fat/bias_correction.py) of every PTQ
   # method's variables on the calibration images; FAT starts from them.
