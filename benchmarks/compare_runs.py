@@ -15,7 +15,7 @@ import os
 import numpy as np
 from absl import flags
 
-from benchmarks import peers
+from benchmarks import peers, tables
 from experiments import cli
 from fat import evaluate
 
@@ -66,10 +66,7 @@ def main(argv):
   del argv
   with cli.exit_on_user_error():
     table = rows(read(FLAGS.baseline), read(FLAGS.variant), FLAGS.variant)
-  print("| " + " | ".join(HEAD) + " |")
-  print("|" + "---|" * len(HEAD))
-  for r in table:
-    print("| " + " | ".join(r) + " |")
+  print(tables.markdown(HEAD, table))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark tables: seed spread (benchmarks/seed_spread.py) and learning-rate
-sweep (benchmarks/lr_sweep.py), as markdown, from the main job's reports.
+sweep (benchmarks/lr_sweep.py), as markdown, from the main job's reports, and
+``markdown`` for any header and rows.
 
 Defines no flags, unlike the scripts, so tests can import it.
 """
@@ -10,6 +11,12 @@ import numpy as np
 
 from fat import report
 from fat.methods import registry
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+  """A markdown table of string cells."""
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def seed_spread_markdown(reports: list[dict]) -> str:

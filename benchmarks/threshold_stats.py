@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from benchmarks import tables
 from experiments import cli, deploy
 from fat import checkpoints
 from fat.layers import TRAINABLE_COLLECTION
@@ -74,10 +75,7 @@ def main(argv):
         rows.append([setting, str(project), role] + [str(c[k]) for k in c])
   head = ["setting", "projected", "alphas", "n", "below range", "at low end", "inside",
           "at high end", "above range"]
-  print("| " + " | ".join(head) + " |")
-  print("|" + "---|" * len(head))
-  for r in rows:
-    print("| " + " | ".join(r) + " |")
+  print(tables.markdown(head, rows))
 
 
 if __name__ == "__main__":

@@ -348,6 +348,7 @@ def test_compare_runs_tests_each_method_of_both_runs(tmp_path):
   assert rows[0][5].startswith("0 / 20, p = 1.9e-06")
   assert rows[1] == ["w4a4_per_channel", "fat", "90.00", "90.00", "+0.00", "0 / 0, p = 1"]
   assert len(rows) == 2   # lsq and qat are in one run only, w8a8 in the baseline only
+  assert tables.markdown(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
   other = _write_peers_run(tmp_path / "c", [_peer_setting("w4a4_per_channel", 4, 4, {}, {})],
                            seed=1)
   with pytest.raises(ValueError, match="ran another harness or float model"):
