@@ -408,7 +408,6 @@ def test_config_switches_are_booleans(field):
     config_checks.validate(c)
 
 
-
 def test_config_equalize_target_is_checked():
   from configs import default
   c = default.get_config()
