@@ -12,7 +12,6 @@ float predictions, as ``benchmarks.peers`` checks when it joins runs.
 
 import os
 
-import numpy as np
 from absl import flags
 
 from benchmarks import peers, tables
@@ -31,17 +30,13 @@ HEAD = ["setting", "method", "baseline top-1 %", "variant top-1 %", "Δ pt",
 def rows(base: tuple[dict, dict], variant: tuple[dict, dict], where: str) -> list[list[str]]:
   """One row per (setting, method) of both runs, in the baseline's order."""
   (rep, preds), (other, other_preds) = base, variant
-  if not all(rep[k] == other[k] for k in peers.HARNESS) or rep["fp32"] != other["fp32"]:
-    raise ValueError(f"{where} ran another harness or float model (it differs in "
-                     f"{', '.join(peers.HARNESS)} or fp32); compare runs of the same one.")
+  peers.check_same_harness(rep, other, where)
   out = []
   for s in rep["settings"]:
     if s["name"] not in other_preds:
       continue
     p, q = preds[s["name"]], other_preds[s["name"]]
-    if not (np.array_equal(p["labels"], q["labels"]) and np.array_equal(p["fp32"], q["fp32"])):
-      raise ValueError(f"{where}: setting {s['name']!r} has other test labels or float "
-                       "predictions; compare runs of the same harness.")
+    peers.check_same_images(p, q, s["name"], where)
     labels = p["labels"]
     for m in (m for m in p if m not in ("labels", "fp32") and m in q):
       a, b = evaluate.top1_pct(p[m], labels), evaluate.top1_pct(q[m], labels)

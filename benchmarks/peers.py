@@ -77,6 +77,22 @@ def read(workdir: str) -> tuple[dict, dict]:
 HARNESS = ("model", "width", "dataset", "eval_examples", "calibration_images", "seed")
 
 
+def check_same_harness(rep: dict, other: dict, where: str) -> None:
+  """Refuses ``other`` (the report of run ``where``) unless it ran ``rep``'s
+  harness and float model."""
+  if not all(rep[k] == other[k] for k in HARNESS) or rep["fp32"] != other["fp32"]:
+    raise ValueError(f"{where} ran another harness or float model (it differs in "
+                     f"{', '.join(HARNESS)} or fp32); use only runs of the same one.")
+
+
+def check_same_images(p: dict, q: dict, setting: str, where: str) -> None:
+  """Refuses one setting's predictions ``q`` of run ``where`` unless its test
+  labels and float predictions are ``p``'s."""
+  if not (np.array_equal(p["labels"], q["labels"]) and np.array_equal(p["fp32"], q["fp32"])):
+    raise ValueError(f"{where}: setting {setting!r} has other test labels or float "
+                     "predictions; use only runs of the same harness.")
+
+
 def join(rep: dict, preds: dict, other: dict, other_preds: dict, where: str) -> None:
   """Adds to ``rep``/``preds``, in place, the methods of ``other`` that ``rep``
   lacks, for the settings both have; refuses another harness or float model.
@@ -85,16 +101,11 @@ def join(rep: dict, preds: dict, other: dict, other_preds: dict, where: str) -> 
   wall time (``"fat_wall_seconds"``): its cost is compared with the FAT of
   its own run, on the same machine load.
   """
-  same = all(rep[k] == other[k] for k in HARNESS) and rep["fp32"] == other["fp32"]
-  if not same:
-    raise ValueError(f"{where} ran another harness or float model (it differs in "
-                     f"{', '.join(HARNESS)} or fp32); join only runs of the same one.")
+  check_same_harness(rep, other, where)
   theirs = {s["name"]: s for s in other["settings"]}
   for s in (s for s in rep["settings"] if s["name"] in theirs):
     p, q = preds[s["name"]], other_preds[s["name"]]
-    if not (np.array_equal(p["labels"], q["labels"]) and np.array_equal(p["fp32"], q["fp32"])):
-      raise ValueError(f"{where}: setting {s['name']!r} has other test labels or float "
-                       "predictions; join only runs of the same harness.")
+    check_same_images(p, q, s["name"], where)
     their_methods = theirs[s["name"]]["methods"]
     fat_wall = their_methods.get("fat", {}).get("wall_seconds")
     for m, entry in their_methods.items():

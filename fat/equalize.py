@@ -235,7 +235,8 @@ def equalize(model: nn.Module, folded: dict, sample, *,
     folded: ``{"params": ...}`` of ``fat.fold.fold_variables``.
     sample: one input batch (only its shape is used).
     channel_max: ``channel_maxima`` of the same model and ``folded`` on the
-      calibration images; needed when a pair's first layer ends in ReLU6.
+      calibration images; needed when a pair's first layer ends in ReLU6 (and,
+      with the ``"activations"`` target, in ReLU).
     headroom: >= 1; ReLU6 channels stay exact on inputs whose pre-activation
       is up to ``headroom`` times its calibration max (``relu6_bounds``).
     iterations: the most sweeps over the pairs.
@@ -258,7 +259,7 @@ def equalize(model: nn.Module, folded: dict, sample, *,
   if iterations < 1:
     raise ValueError(f"equalize: iterations must be >= 1, got {iterations}.")
   found = pairs(model, folded, sample)
-  needs = ("relu", "relu6") if target == "activations" else ("relu6",)
+  needs = ("relu", "relu6") if target == "activations" else ("relu6",)  # read channel_max
   missing = [p.first for p in found
              if p.act in needs and (channel_max is None or p.first not in channel_max)]
   if missing:
@@ -267,14 +268,15 @@ def equalize(model: nn.Module, folded: dict, sample, *,
                      "(or call fat.equalize.equalize_images).")
   leaves = traverse_util.flatten_dict(folded["params"], sep="/")
   flat = {k: np.asarray(v, np.float64) for k, v in leaves.items()}
-  bounds = {}  # ReLU6 layer -> (floor, locked)
+  bounds = {}  # ReLU6 layer -> (floor, locked), for the weights' sweeps
   for p in found:
-    if p.act == "relu6":
+    if p.act in needs:
       m = np.asarray(channel_max[p.first])
       if m.shape != flat[f"{p.first}/conv/bias"].shape:
         raise ValueError(f"channel_max[{p.first!r}] has shape {m.shape}, expected "
                          f"{flat[f'{p.first}/conv/bias'].shape}; measure it on the same model.")
-      bounds[p.first] = relu6_bounds(m, headroom)
+      if target == "weights":
+        bounds[p.first] = relu6_bounds(m, headroom)
   if target == "activations":
     for p in found:
       if p.depthwise and p.act in ("relu", "relu6"):
