@@ -228,10 +228,16 @@ def _with_thresholds(variables: dict, flat: dict) -> dict:
 
 
 def _bounds(module: nn.Module, argspec: tuple, glue: str, v: dict, x, step, keys) -> dict:
-  """``{flat key: [lo, hi]}`` of the thresholds at ``keys``, as their specs give them."""
-  _, state = module.apply(v, _glued(jnp.asarray(x[:1]), glue), *_call_args(argspec, step),
-                          mutable=[BOUNDS_COLLECTION])
-  got = traverse_util.flatten_dict(state.get(BOUNDS_COLLECTION, {}), sep="/")
+  """``{flat key: [lo, hi]}`` of the thresholds at ``keys``, as their specs give them
+  (one jitted pass on one image: run eagerly, each op of the unit compiles alone)."""
+
+  @jax.jit
+  def bounds(v, x, step):
+    _, state = module.apply(v, _glued(x, glue), *_call_args(argspec, step),
+                            mutable=[BOUNDS_COLLECTION])
+    return state.get(BOUNDS_COLLECTION, {})
+
+  got = traverse_util.flatten_dict(bounds(v, jnp.asarray(x[:1]), step), sep="/")
   return {k: got[k] for k in keys}
 
 
