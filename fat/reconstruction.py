@@ -227,17 +227,23 @@ def _with_thresholds(variables: dict, flat: dict) -> dict:
                                                                           sep="/")}
 
 
-def _bounds(module: nn.Module, argspec: tuple, glue: str, v: dict, x, step, keys) -> dict:
-  """``{flat key: [lo, hi]}`` of the thresholds at ``keys``, as their specs give them
-  (one jitted pass on one image: run eagerly, each op of the unit compiles alone)."""
+@functools.lru_cache(maxsize=256)
+def _bounds_fn(module: nn.Module, argspec: tuple, glue: str):
+  """The jitted pass that gives a unit's threshold bounds (run eagerly, each op
+  of the unit would compile on its own)."""
 
-  @jax.jit
   def bounds(v, x, step):
     _, state = module.apply(v, _glued(x, glue), *_call_args(argspec, step),
                             mutable=[BOUNDS_COLLECTION])
     return state.get(BOUNDS_COLLECTION, {})
 
-  got = traverse_util.flatten_dict(bounds(v, jnp.asarray(x[:1]), step), sep="/")
+  return jax.jit(bounds)
+
+
+def _bounds(module: nn.Module, argspec: tuple, glue: str, v: dict, x, step, keys) -> dict:
+  """``{flat key: [lo, hi]}`` of the thresholds at ``keys``, as their specs give them."""
+  got = _bounds_fn(module, argspec, glue)(v, jnp.asarray(x[:1]), step)
+  got = traverse_util.flatten_dict(got, sep="/")
   return {k: got[k] for k in keys}
 
 
