@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from fat import data, imagenet
 
-from conftest import CLASSES, SIZES, write_image_folder  # noqa: F401
+from conftest import write_image_folder
 
 
 def bounds(p: imagenet.Preprocess):

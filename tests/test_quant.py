@@ -16,7 +16,7 @@ import pytest
 
 from fat import quant
 
-from conftest import (KINDS, TINY, ambiguous, bshape, near_tie, np_fake_quant, np_grid,  # noqa: F401
+from conftest import (KINDS, TINY, ambiguous, bshape, np_fake_quant, np_grid,
                       np_params, qrange, ste_clip, ste_fake_quant, ste_round)
 
 
