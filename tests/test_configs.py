@@ -20,8 +20,12 @@ CONFIGS = sorted(os.path.relpath(p, REPO)[:-3].replace("/", ".")
                  and os.sep + "paper" + os.sep not in p)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("arg", ["", "smoke"])
+def _args(name: str) -> tuple[str, ...]:
+  """The config arguments ``name`` declares in ``ARGS`` ("" and "smoke" where none)."""
+  return getattr(importlib.import_module(name), "ARGS", ("", "smoke"))
+
+
+@pytest.mark.parametrize("name, arg", [(n, a) for n in CONFIGS for a in _args(n)])
 def test_config_is_valid(name, arg):
   module = importlib.import_module(name)
   assert "python -m experiments.main --config=" in module.__doc__
