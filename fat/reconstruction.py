@@ -363,6 +363,7 @@ def reconstruct(qmodel: nn.Module, variables: dict, images, spec: ReconSpec, *,
   # One rule set for every quantized run: a hardened layer (no rounding
   # variable) under rounding="learned" rounds to nearest, as in the setting.
   learned = rules.with_rounding(qmodel.mode.rules, "learned", pattern)
+  rounding.check_grids(variables, learned)
   x = np.concatenate(list(data.image_batches(images, batch_size)[0]))
   rng, run = np.random.default_rng(spec.seed), _Run()
   # The float model's weights: ``variables`` gets each unit's hardened kernel

@@ -192,14 +192,45 @@ def _harden_layer(kernel, v, alpha, beta, spec: quant.QuantSpec):
   return new, ok, jnp.sum(q != nearest)
 
 
+class GridLostError(ValueError):
+  """A learned layer's hardened kernel would not give back its grid."""
+
+
+def _grid_lost(path: str) -> GridLostError:
+  return GridLostError(
+      f"learned rounding of {path or 'the layer'!r}: the hardened kernel's own range does not "
+      "give back its grid (its grid must contain 0 and both ends must hold a weight); quantize "
+      "this layer's weights with rounding='nearest'.")
+
+
+def check_grids(variables: dict, quant_rules) -> None:
+  """Raises ``harden``'s ``GridLostError`` before any training, naming the first learned
+  layer whose grid a hardened kernel cannot give back even at nearest rounding.
+
+  Symmetric grids always come back: each channel's largest magnitude sits on
+  or past the grid's end. An asymmetric grid comes back when it contains 0
+  and is not shifted by beta. Min/max weight thresholds (alpha = 1) always
+  do; an MSE start's alpha can cut a channel's range short of 0, and such a
+  layer is refused here rather than after the reconstruction.
+  """
+  for path, spec in learned_layers(variables, quant_rules).items():
+    if spec.kind != "asymmetric":
+      continue
+    kernel = _module(variables["params"], path)["kernel"]
+    th = _module(variables[TRAINABLE], path)
+    v = _init_layer(kernel, th["alpha"], th["beta"], spec)
+    if not bool(_harden_layer(kernel, v, th["alpha"], th["beta"], spec)[1]):
+      raise _grid_lost(path)
+
+
 def harden(variables: dict, quant_rules) -> tuple[dict, dict]:
   """``(variables, stats)``: each learned layer's kernel replaced by its hardened
   grid values ``(q + z) / s``, its alpha set to 1 and beta to 0 (the hardened
   range gives the same grid), and the ``rounding`` collection dropped.
 
   ``stats``: ``flipped`` (weights rounded away from nearest) and ``weights``.
-  Raises ValueError naming a layer whose grid the hardened kernel would not
-  reproduce (e.g. an asymmetric grid that does not contain 0).
+  Raises ``GridLostError`` (a ValueError) naming a layer whose grid the hardened
+  kernel would not reproduce (e.g. an asymmetric grid that does not contain 0).
   """
   params = traverse_util.flatten_dict(variables["params"], sep="/")
   alphas = traverse_util.flatten_dict(variables[TRAINABLE], sep="/")
@@ -211,9 +242,7 @@ def harden(variables: dict, quant_rules) -> tuple[dict, dict]:
     kk, ka, kb = (_join(path, n) for n in ("kernel", "alpha", "beta"))
     new, ok, moved = _harden_layer(params[kk], v, alphas[ka], alphas[kb], spec)
     if not bool(ok):
-      raise ValueError(f"learned rounding of {path or 'the layer'!r}: the hardened kernel's "
-                       "own range does not give back its grid (its grid must contain 0 and "
-                       "both ends must hold a weight); quantize this layer's weights with rounding='nearest'.")
+      raise _grid_lost(path)
     flipped += int(moved)
     total += int(np.size(new))
     params[kk] = new

@@ -101,9 +101,11 @@ def _hardened(w, v, spec=SPEC, alpha=None):
   return rounding.harden(variables, r)
 
 
-@pytest.mark.parametrize("per_channel, alpha", [(True, 1.0), (False, 0.8)])
-def test_hardened_weights_lie_on_the_same_grid(per_channel, alpha):
-  spec = dataclasses.replace(SPEC, per_channel=per_channel)
+@pytest.mark.parametrize("per_channel, alpha, kind", [
+    (True, 1.0, "symmetric"), (False, 0.8, "symmetric"),
+    (True, 1.0, "asymmetric"), (True, 0.8, "asymmetric"), (False, 0.8, "asymmetric")])
+def test_hardened_weights_lie_on_the_same_grid(per_channel, alpha, kind):
+  spec = dataclasses.replace(SPEC, per_channel=per_channel, kind=kind)
   w = _kernel()
   a = np.full(w.shape[-1] if per_channel else (), alpha, np.float32)
   qp = _qp(w, spec, alpha)
@@ -113,10 +115,11 @@ def test_hardened_weights_lie_on_the_same_grid(per_channel, alpha):
   assert rounding.COLLECTION not in out
   assert np.all(np.asarray(out["thresholds"]["conv"]["alpha"]) == 1.0)
   # Integer values: floor(w*s) + [v >= 0], clipped; on the original grid.
-  s, _ = quant.scale_and_zero(qp, spec, w.ndim)
+  s, z = quant.scale_and_zero(qp, spec, w.ndim)
   q = np.asarray(rounding.hard_ints(w, v, qp, spec))
   assert np.all(q == np.round(q)) and q.min() >= spec.qmin and q.max() <= spec.qmax
-  np.testing.assert_allclose(new, q / np.asarray(s, np.float64), rtol=3e-7, atol=0)
+  np.testing.assert_allclose(new, (q + np.asarray(z)) / np.asarray(s, np.float64), rtol=3e-7,
+                             atol=1e-7)
   # The stored weights' own range gives back that grid: fake quant keeps them
   # (to float32 rounding of the recomputed step) and their integers exactly.
   qp_new = _qp(new, spec)
@@ -141,6 +144,15 @@ def test_hardening_refuses_a_grid_it_cannot_keep():
   r = rules.uniform_rules(weight=dataclasses.replace(spec, rounding="learned"), act=None)
   with pytest.raises(ValueError, match="learned rounding of 'conv'.*rounding='nearest'"):
     rounding.harden(variables, r)
+  # The reconstruction's check before training refuses it the same way ...
+  with pytest.raises(ValueError, match="learned rounding of 'conv'.*rounding='nearest'"):
+    rounding.check_grids(variables, r)
+  # ... and passes the grid every PTQ start gives (beta = 0, 0 inside the range).
+  w = _kernel()
+  ok = {"params": {"conv": {"kernel": w}},
+        "thresholds": {"conv": {"alpha": np.full(6, 0.8, np.float32),
+                                "beta": np.zeros(6, np.float32)}}}
+  rounding.check_grids(ok, r)
 
 
 def test_rules_select_learned_rounding_and_relocate():
@@ -181,7 +193,9 @@ def test_registry_runs_the_new_methods_in_order():
      "config.adaround.start must be"),
     (dict(adaround_start="fat"), "config.adaround.start must be"),
     (dict(adaround_granularity="net"), "config.adaround.granularity must be one of"),
-    (dict(asym=True), "ptq_adaround needs symmetric weights"),
+    (dict(asym=True, beta_range=(0.1, 0.4)),
+     r"asymmetric weights \(settings \['w8a8_per_channel'\]\) with beta = 0, so "
+     r"config.fat.beta_range must contain 0.0, got \(0.1, 0.4\)"),
     (dict(quantize_output=None), "config.adaround.quantize_output must be True or False"),
     (dict(drop_prob=1.5), r"config.adaround.drop_prob must be a number in \[0.0, 1.0\]"),
 ])
@@ -199,8 +213,20 @@ def test_adaround_config_checks(change, message):
     c.adaround.drop_prob = change["drop_prob"]
   if change.get("asym"):
     c.settings[0].weight_kind = "asymmetric"
+  if "beta_range" in change:
+    c.fat.beta_range = change["beta_range"]
   with pytest.raises(ValueError, match=message):
     config_checks.validate(c)
+
+
+def test_adaround_takes_asymmetric_weights():
+  """Asymmetric weight grids are learned and hardened like symmetric ones
+  (``rounding.check_grids`` refuses a layer whose grid cannot come back)."""
+  c = default.get_config()
+  c.methods = ("ptq_minmax", "ptq_mse", "fat", "ptq_adaround", "fat_adaround")
+  for s in c.settings:
+    s.weight_kind = "asymmetric"
+  config_checks.validate(c)
 
 
 def test_qdrop_input_takes_float_elements_at_its_rate():
@@ -339,7 +365,10 @@ def reconstructed():
   rng = np.random.default_rng(0)
   v = {**v, "batch_stats": jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0, 0.2, a.shape),
                                         v["batch_stats"])}
-  s = pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8, per_channel=True)
+  # Asymmetric weights (uint4 with zero points in ONNX); symmetric ones reach
+  # ONNX Runtime in test_onnx_benchmark_runs_the_main_jobs_method.
+  s = pipeline.Setting(name="w4a8", weight_bits=4, act_bits=8, per_channel=True,
+                       weight_kind="asymmetric")
   p = pipeline.prepare(model, v, pipeline.setting_rules(s), x, batch_size=64)
   spec = reconstruction.ReconSpec(granularity="block", iterations=60, batch_size=16,
                                   learning_rate=3e-2)
@@ -357,10 +386,14 @@ def test_reconstruction_lowers_the_error_and_keeps_the_grid(reconstructed):
   # Same structure, same activation thresholds; every kernel on its grid.
   assert jax.tree.structure(out) == jax.tree.structure(p.variables)
   nodes, acts = graph.trace(p.qmodel, out, x, return_activations=True)
-  for n in (n for n in nodes if n.op in ("conv", "dense")):
+  layers = [n for n in nodes if n.op in ("conv", "dense")]
+  for n in layers:
     g = n.attrs["w_grid"]
     np.testing.assert_allclose(n.attrs["weight"], (n.attrs["q_weight"] - g.zero_point) * g.scale,
                                rtol=1e-6, atol=1e-9)
+  # The weight grids are asymmetric: [0, 15] with a zero point per channel.
+  assert all(n.attrs["w_grid"].qmin == 0 and n.attrs["w_grid"].qmax == 15
+             and np.any(n.attrs["w_grid"].zero_point != 0) for n in layers)
   assert_integer_layers_match(nodes, acts, x)
   sim = np.asarray(jax.jit(p.qmodel.apply)(out, x))
   assert np.mean(integer.logits(nodes, x).argmax(-1) == sim.argmax(-1)) >= 0.95

@@ -34,7 +34,7 @@ import re
 
 from flax import traverse_util
 
-from fat import checks, reconstruction
+from fat import checks, reconstruction, rounding
 from fat.layers import TRAINABLE_COLLECTION
 from fat.methods import fat_training
 from fat.methods.registry import PTQ, TRAINED, Context, Method, Result, of_kind, register
@@ -84,9 +84,14 @@ def start(ctx: Context) -> str:
 
 def run_adaround(ctx: Context, name: str = "ptq_adaround") -> Result:
   cfg, init = ctx.config.adaround, start(ctx)
-  out, stats, losses = reconstruction.reconstruct(
-      ctx.qmodel, ctx.results[init], images(ctx), method_spec(ctx.config, name),
-      batch_size=ctx.config.calibration_batch_size, pattern=cfg.layers)
+  try:
+    out, stats, losses = reconstruction.reconstruct(
+        ctx.qmodel, ctx.results[init], images(ctx), method_spec(ctx.config, name),
+        batch_size=ctx.config.calibration_batch_size, pattern=cfg.layers)
+  except rounding.GridLostError as e:  # checked before any training
+    raise ValueError(f"{name} from {init} on setting {ctx.setting.name!r}: {e} In the config: "
+                     "config.adaround.start='ptq_minmax' (alpha = 1 keeps 0 on every grid), "
+                     "or leave the layer out of config.adaround.layers.") from e
   return Result(out, {**stats, "init": init}, losses)
 
 
@@ -151,11 +156,11 @@ def validate_adaround(config) -> None:
   if not float(config.fat.alpha_range[0]) <= 1.0 <= float(config.fat.alpha_range[1]):
     raise ValueError("ptq_adaround hardens weights with alpha = 1, so config.fat.alpha_range "
                      f"must contain 1.0, got {tuple(config.fat.alpha_range)}.")
-  for s in config.settings:
-    if s.weight_kind != "symmetric":
-      raise ValueError(f"config.settings[{s.name!r}]: ptq_adaround needs symmetric weights "
-                       f"(got {s.weight_kind!r}): a hardened asymmetric kernel need not give "
-                       "back its grid; drop the method or use weight_kind='symmetric'.")
+  asym = [s.name for s in config.settings if s.weight_kind == "asymmetric"]
+  if asym and not float(config.fat.beta_range[0]) <= 0.0 <= float(config.fat.beta_range[1]):
+    raise ValueError(f"ptq_adaround hardens asymmetric weights (settings {asym}) with beta = 0, "
+                     "so config.fat.beta_range must contain 0.0, got "
+                     f"{tuple(config.fat.beta_range)}.")
 
 
 def validate_fat_adaround(config) -> None:
