@@ -147,7 +147,7 @@ def test_hardening_refuses_a_grid_it_cannot_keep():
   # The reconstruction's check before training refuses it the same way ...
   with pytest.raises(ValueError, match="learned rounding of 'conv'.*rounding='nearest'"):
     rounding.check_grids(variables, r)
-  # ... and passes the grid every PTQ start gives (beta = 0, 0 inside the range).
+  # ... and passes one with beta = 0 and 0 inside its range.
   w = _kernel()
   ok = {"params": {"conv": {"kernel": w}},
         "thresholds": {"conv": {"alpha": np.full(6, 0.8, np.float32),
