@@ -19,7 +19,7 @@ The grid of a weight comes from its own range (``fat.layers``), so hardening
 keeps each channel's extremes at their nearest rounding (they sit at the
 grid's ends) and sets the weight's alpha to 1 (beta to 0): the hardened
 kernel's range then gives back the same ``s`` and ``z``, which ``harden``
-checks.
+checks (and ``check_grids`` before any training, for asymmetric grids).
 """
 
 from __future__ import annotations
