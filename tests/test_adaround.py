@@ -220,8 +220,8 @@ def test_adaround_config_checks(change, message):
 
 
 def test_adaround_takes_asymmetric_weights():
-  """Asymmetric weight grids are learned and hardened like symmetric ones
-  (``rounding.check_grids`` refuses a layer whose grid cannot come back)."""
+  """The config checks let learned rounding take asymmetric weights (their
+  hardening is tested above and in the reconstruction fixture)."""
   c = default.get_config()
   c.methods = ("ptq_minmax", "ptq_mse", "fat", "ptq_adaround", "fat_adaround")
   for s in c.settings:
