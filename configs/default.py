@@ -51,6 +51,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # required); add "qat" for the full-QAT baseline (configs/fashion_mnist/*_qat.py).
   c.methods = ("ptq_minmax", "ptq_percentile", "ptq_mse", "fat")
   c.percentile = 99.99
+  # ptq_mse on asymmetric quantizers: search beta (where the shortened range
+  # sits) together with alpha, instead of shortening the range from its top end
+  # only (fat/mse.py). Symmetric and unsigned quantizers are unaffected.
+  c.mse_shift = False
   # Mutual rescaling (DFQ cross-layer equalization, fat/equalize.py) of the
   # folded params before quantization: conv pairs joined by ReLU, ReLU6 (bounded
   # by the calibration maxima) or no activation, e.g. depthwise -> project. The

@@ -27,7 +27,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.positive_int(name, config[name])
   if isinstance(config.eval_examples, bool) or config.eval_examples < 0:
     raise ValueError(f"config.eval_examples must be >= 0 (0: all), got {config.eval_examples}.")
-  for name in ("equalize", "bias_correction"):
+  for name in ("equalize", "bias_correction", "mse_shift"):
     checks.boolean(name, config.get(name, False))
   target = config.get("equalize_target", "weights")
   if target not in equalize.TARGETS:

@@ -17,8 +17,8 @@ The names a user calls are re-exported here (optax style)::
 """
 
 from fat import (atomic, bias_correction, calibrate, checkpoints, data, depthwise, equalize,
-                 errors, evaluate, fold, layers, loop, methods, models, pipeline, plots, quant,
-                 report, rules, schedules, steps, variables)
+                 errors, evaluate, fold, layers, loop, methods, models, mse, pipeline, plots,
+                 quant, report, rules, schedules, steps, variables)
 from fat.bias_correction import correct_biases
 from fat.equalize import channel_maxima, equalize_images
 from fat.evaluate import agreement_pct, logits, make_predict, mcnemar, predict, top1_pct
@@ -34,8 +34,8 @@ from fat.variables import FAT_TRAINABLE, QAT_TRAINABLE, Partition, partition
 __all__ = [
     # modules
     "atomic", "bias_correction", "calibrate", "checkpoints", "data", "depthwise", "equalize",
-    "errors", "evaluate", "fold", "layers", "loop", "methods", "models", "pipeline", "plots",
-    "quant", "report", "rules", "schedules", "steps", "variables",
+    "errors", "evaluate", "fold", "layers", "loop", "methods", "models", "mse", "pipeline",
+    "plots", "quant", "report", "rules", "schedules", "steps", "variables",
     # quantizers and rules
     "QuantParams", "QuantSpec", "fake_quant", "QuantRule", "uniform_rules",
     # the pipeline

@@ -62,11 +62,11 @@ def init_quant_variables(qmodel: nn.Module, folded_params, sample) -> dict:
 
 
 def observe(qmodel: nn.Module, variables: dict, batches: Iterable, *, calibration: str,
-            percentile: float = 99.99, num_batches: int | None = None,
-            progress: bool = True) -> list[dict]:
+            percentile: float = 99.99, mse_shift: bool = False,
+            num_batches: int | None = None, progress: bool = True) -> list[dict]:
   """Per batch, ``{activation module path: statistic}`` from a calibration pass."""
   mode = dataclasses.replace(qmodel.mode, stage="calibrate", calibration=calibration,
-                             percentile=percentile)
+                             percentile=percentile, mse_shift=mse_shift)
   cmodel = qmodel.clone(mode=mode)
 
   @jax.jit
@@ -147,23 +147,35 @@ def calibrate(qmodel: nn.Module, variables: dict, batches: Iterable, *,
 
 
 def mse_search(qmodel: nn.Module, variables: dict, batches: Iterable, *,
-               num_batches: int | None = None, progress: bool = True) -> dict:
-  """The MSE PTQ baseline: per quantizer, the alpha on a grid with least error.
+               shift: bool = False, num_batches: int | None = None,
+               progress: bool = True) -> dict:
+  """The MSE PTQ baseline: per quantizer, the threshold on a grid with least error.
 
   Activation errors are summed over ``batches``; weights are searched per
   channel when their spec is per-channel. Ranges come from ``variables``
-  (calibrate first); the untrained input quantizer keeps its alpha.
+  (calibrate first); the untrained input quantizer keeps its alpha. The search
+  moves alpha (``fat.mse.alpha_sweep``), and with ``shift`` also beta on
+  shifted grids (``fat.mse.shift_sweep``).
   """
-  sweeps = observe(qmodel, variables, batches, calibration="mse",
+  sweeps = observe(qmodel, variables, batches, calibration="mse", mse_shift=shift,
                    num_batches=num_batches, progress=progress)
   flat = traverse_util.flatten_dict(variables[TRAINABLE_COLLECTION], sep="/")
-  for path, (grid, _) in sweeps[0].items():
-    errors = sum(np.asarray(s[path][1], np.float64) for s in sweeps)
-    alpha = np.asarray(grid)[np.argmin(errors, axis=0)]
-    key = f"{path}/alpha"
-    if key not in flat:
-      raise ValueError(f"no {key} in thresholds: variables and model disagree.")
-    flat[key] = jnp.asarray(alpha, jnp.float32).reshape(flat[key].shape)
+  for path, sweep in sweeps[0].items():
+    errors = sum(np.asarray(s[path][-1], np.float64) for s in sweeps)
+    best = np.argmin(errors, axis=0)
+    if not np.all(np.isfinite(np.min(errors, axis=0))):
+      raise ValueError(f"{path}: no threshold on the MSE search's grid keeps 0 on the "
+                       "integer grid; let config.fat.beta_range contain 0.")
+    chosen = {"alpha": np.asarray(sweep[0])[best]}
+    if len(sweep) == 3:  # (alphas, betas, errors): beta per candidate (and channel)
+      betas = np.asarray(sweep[1])
+      chosen["beta"] = (betas[best, np.arange(betas.shape[1])] if betas.ndim == 2
+                        else betas[best])
+    for name, value in chosen.items():
+      key = f"{path}/{name}"
+      if key not in flat:
+        raise ValueError(f"no {key} in thresholds: variables and model disagree.")
+      flat[key] = jnp.asarray(value, jnp.float32).reshape(flat[key].shape)
   return {**variables, TRAINABLE_COLLECTION: traverse_util.unflatten_dict(flat, sep="/")}
 
 

@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fat import depthwise, lsq, order_stats, qlinear, quant, rounding, rules
+from fat import depthwise, lsq, mse, order_stats, qlinear, quant, rounding, rules
 
 STAGES = ("float", "folded", "calibrate", "quant")
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -95,6 +95,9 @@ class QuantMode:
   # True: alpha and beta pass LSQ-scaled gradients (fat.lsq.scale_grads); the
   # forward pass is unchanged.
   lsq: bool = False
+  # calibration "mse" only: on shifted (asymmetric) grids, search alpha and beta
+  # together (fat.mse.shift_sweep) instead of alpha alone.
+  mse_shift: bool = False
 
   def __post_init__(self):
     if self.stage not in STAGES:
@@ -182,12 +185,19 @@ class ActQuant(nn.Module):
       qp = lsq.scale_grads(qp, spec, lsq.features(x))
     if sweep:  # the (fixed-range) input keeps its alpha
       if self.trainable and not self.is_initializing():
-        self.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(x, qp, spec))
+        self.sow(CALIB_COLLECTION, "observed", mse_sweep(x, qp, spec, self.mode))
       return x, None
     y = quant.fake_quant(x, qp, spec)
     if self.is_mutable_collection(GRID_COLLECTION) and not self.is_initializing():
       sow_grid(self, x, qp, spec)
     return y, quant.grid_step(qp, spec)
+
+
+def mse_sweep(x, qp: quant.QuantParams, spec: quant.QuantSpec, mode: QuantMode):
+  """The MSE search's candidates and errors for one quantizer (``fat.mse``)."""
+  if mode.mse_shift and quant.KINDS[spec.kind].shifted:
+    return mse.shift_sweep(x, qp, spec)
+  return mse.alpha_sweep(x, qp, spec)
 
 
 def sow_grid(module: nn.Module, x, qp: quant.QuantParams, spec: quant.QuantSpec,
@@ -226,7 +236,7 @@ def quantized_apply(module: nn.Module, op, x, kernel, mode: QuantMode):
   qp = quant.params_from_range(w_min, w_max, spec, alpha.value, beta.value)
   if sweep:
     if not module.is_initializing():
-      module.sow(CALIB_COLLECTION, "observed", quant.alpha_sweep(kernel, qp, spec))
+      module.sow(CALIB_COLLECTION, "observed", mse_sweep(kernel, qp, spec, mode))
     return op(x, kernel.astype(x.dtype)), None
   # Recorded only when the caller makes "intermediates" mutable (tests, export).
   if module.is_mutable_collection("intermediates"):

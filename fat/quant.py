@@ -341,24 +341,6 @@ def fake_quant(x: jax.Array, qp: QuantParams, spec: QuantSpec) -> jax.Array:
   return _fake_quant(x, qp, spec)
 
 
-def alpha_sweep(x: jax.Array, qp: QuantParams, spec: QuantSpec, num: int = 21):
-  """Squared quantization error for each alpha on a grid over ``alpha_range``.
-
-  Returns ``(grid, errors)``: ``grid`` has shape ``(num,)``; ``errors`` has
-  shape ``(num,)`` per tensor or ``(num, C)`` per channel. The MSE PTQ
-  baseline picks ``grid[argmin(errors)]`` (per channel).
-  """
-  xf = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  grid = jnp.linspace(spec.alpha_range[0], spec.alpha_range[1], num)
-  axes = _reduce_axes(xf.ndim, spec)
-
-  def error(a):
-    y = _forward(xf, qp._replace(alpha=jnp.full_like(qp.alpha, a)), spec)[0]
-    return jnp.sum((y - xf) ** 2, axis=axes)
-
-  return grid, jax.lax.map(error, grid)
-
-
 def scale_and_zero(qp: QuantParams, spec: QuantSpec, ndim: int):
   """``(s, z)`` of the grid, broadcastable against an ``ndim`` input, float32:
   ``fake_quant(x) == (clip(round(x * s) - z, qmin, qmax) + z) * (1 / s)``."""

@@ -209,9 +209,11 @@ def check_grids(variables: dict, quant_rules) -> None:
 
   Symmetric grids always come back: each channel's largest magnitude sits on
   or past the grid's end. An asymmetric grid comes back when it contains 0
-  and is not shifted by beta. Min/max weight thresholds (alpha = 1) always
-  do; an MSE start's alpha can cut a channel's range short of 0, and such a
-  layer is refused here rather than after the reconstruction.
+  and each end holds a weight or is 0. Min/max weight thresholds (alpha = 1)
+  always do, and so do the grids of the MSE search over alpha and beta
+  (``config.mse_shift``): they keep 0, and an end inside the range clips
+  weights. The MSE search over alpha alone can cut a channel's range short of
+  0, and such a layer is refused here rather than after the reconstruction.
   """
   for path, spec in learned_layers(variables, quant_rules).items():
     if spec.kind != "asymmetric":

@@ -203,6 +203,24 @@ def tiny_net(num_classes=10, **kwargs):
   return TinyMobileNetV2(num_classes=num_classes, **{"small_input": True, **kwargs})
 
 
+def tiny_prepared(weight, act, images=16):
+  """``(Prepared, x)``: tiny_net with BN statistics from ``images`` random
+  16x16 images, folded, quantized by ``uniform_rules(weight=, act=)`` and
+  calibrated on the same images."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from fat import pipeline, rules  # pylint: disable=import-outside-toplevel
+  model = tiny_net()
+  x = jax.random.normal(jax.random.PRNGKey(1), (images, 16, 16, 1))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
+                                          mutable=["batch_stats"]))
+  _, upd = train_apply(variables, x)
+  r = rules.uniform_rules(weight=weight, act=act)
+  return pipeline.prepare(model, {"params": variables["params"], **upd}, r, x,
+                          batch_size=len(x)), x
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, monkeypatch):
   """A float tiny_net checkpoint (random weights), and ``models.create``

@@ -1,15 +1,13 @@
 """FAT threshold-training and full-QAT steps (fat.steps), the distillation losses and MSE PTQ."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_net
-from fat import calibrate, pipeline, quant, rules, schedules, steps, variables
+from conftest import tiny_prepared
+from fat import calibrate, quant, schedules, steps, variables
 from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION
 
 
@@ -17,15 +15,7 @@ from fat.layers import BOUNDS_COLLECTION, TRAINABLE_COLLECTION
 def setup():
   """A three-block network of MobileNet-v2's blocks at W4A4 per-channel, BN
   statistics from the batch, and the float teacher's logits."""
-  model = tiny_net()
-  x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 1))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  train_apply = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
-                                          mutable=["batch_stats"]))
-  _, upd = train_apply(variables, x)
-  r = rules.uniform_rules(weight=quant.QuantSpec(bits=4, per_channel=True),
-                          act=quant.QuantSpec(bits=4))
-  p = pipeline.prepare(model, {"params": variables["params"], **upd}, r, x, batch_size=len(x))
+  p, x = tiny_prepared(quant.QuantSpec(bits=4, per_channel=True), quant.QuantSpec(bits=4))
   teacher = jax.jit(p.fmodel.apply)(p.folded, x)
   return p.qmodel, p.variables, x, teacher
 
@@ -200,20 +190,6 @@ def test_qat_step_trains_params_and_thresholds(setup):
   assert np.mean(losses[-5:]) < 0.95 * losses[0], losses
   stem = trainable["params"]["stem"]["conv"]["kernel"]
   assert not np.allclose(stem, qvars["params"]["stem"]["conv"]["kernel"])
-
-
-def test_mse_search_picks_the_grid_minimum():
-  spec = quant.QuantSpec(bits=3, per_channel=True)
-  w = jax.random.normal(jax.random.PRNGKey(3), (50, 4)) * jnp.array([1.0, 2.0, 3.0, 4.0])
-  qp = quant.init_params(w, spec)
-  grid, errors = quant.alpha_sweep(w, qp, spec, num=11)
-  assert errors.shape == (11, 4)
-  from conftest import np_fake_quant  # float64 reference, not quant._forward
-  w64, t_max = np.asarray(w, np.float64), np.max(np.abs(np.asarray(w, np.float64)), axis=0)
-  for c in range(4):
-    direct = [float(np.sum((np_fake_quant(w64, spec, -t_max, t_max, np.full(4, a), 0.0)[0]
-                            - w64)[:, c] ** 2)) for a in np.asarray(grid, np.float64)]
-    np.testing.assert_allclose(np.asarray(errors[:, c]), direct, rtol=1e-4)
 
 
 def test_mse_search_picks_each_channels_least_error(setup):

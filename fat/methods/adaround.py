@@ -91,6 +91,7 @@ def run_adaround(ctx: Context, name: str = "ptq_adaround") -> Result:
   except rounding.GridLostError as e:  # checked before any training
     raise ValueError(f"{name} from {init} on setting {ctx.setting.name!r}: {e} In the config: "
                      "config.adaround.start='ptq_minmax' (alpha = 1 keeps 0 on every grid), "
+                     "config.mse_shift=True (its MSE search keeps 0 on every grid), "
                      "or leave the layer out of config.adaround.layers.") from e
   return Result(out, {**stats, "init": init}, losses)
 

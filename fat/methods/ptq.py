@@ -6,7 +6,10 @@
   (``config.percentile``), averaged over calibration batches.
 * ``ptq_mse``: from min/max ranges, each quantizer's alpha is the value on a
   grid over ``alpha_range`` with the least squared quantization error
-  (``fat.calibrate.mse_search``; weights per channel when per-channel).
+  (``fat.calibrate.mse_search``; weights per channel when per-channel). With
+  ``config.mse_shift``, shifted (asymmetric) quantizers search alpha and beta
+  together, which can shorten the range at either end or about 0
+  (``fat.mse.shift_sweep``).
 
 With ``config.bias_correction``, each method's variables then get DFQ's
 empirical bias correction on the calibration images
@@ -37,7 +40,8 @@ def _from_ranges(statistic: str):
 def _mse(ctx: Context) -> Result:
   start = calibrate.with_ranges(ctx.variables, ctx.act_ranges("minmax"))
   batches, num = ctx.calibration_batches()
-  return _corrected(calibrate.mse_search(ctx.qmodel, start, batches, num_batches=num), ctx)
+  return _corrected(calibrate.mse_search(ctx.qmodel, start, batches, num_batches=num,
+                                         shift=ctx.config.get("mse_shift", False)), ctx)
 
 
 def _check_percentile(config) -> None:
