@@ -81,9 +81,10 @@ def shift_sweep(x: jax.Array, qp: quant.QuantParams, spec: quant.QuantSpec,
 
   Returns ``(alphas, betas, errors)``: ``errors`` has shape ``(K,)`` per tensor
   or ``(K, C)`` per channel, +inf where the candidate's grid has no integer
-  zero point. The pairs about 0 keep it unless ``beta_range`` clips their beta,
-  and with beta_range containing 0 so does alpha = 1, beta = 0 (the min/max
-  grid), so a channel has a finite least error.
+  zero point. The pairs about 0 keep it unless ``beta_range`` clips their
+  beta; with alpha_range reaching 1 and beta_range containing 0 the min/max
+  grid (alpha = 1, beta = 0) is among them. ``fat.calibrate.mse_search``
+  refuses a quantizer whose errors are all +inf.
   """
   xf = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
   qp = quant.as_float32(qp)
